@@ -1,0 +1,38 @@
+//! What serves `/v2` once the gate has let a request through. The gate calls a
+//! [`Backend`] without knowing whether it is the proxy to an external registry or (later)
+//! the registry built into this process.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use http::{Request, Response};
+
+use crate::auth::Identity;
+use crate::body::Body;
+use crate::route::Route;
+
+/// What the gate learned about a request that a backend may need.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    /// The request id (also in the access log and the `X-Request-Id` header).
+    pub id: String,
+    pub peer: SocketAddr,
+    pub identity: Identity,
+    pub route: Route,
+    /// `https://host[:port]` as clients reach the gate (from `public_url` or `Host`).
+    pub public_base: String,
+    /// The host the client asked for (`Host`, or the HTTP/2 authority).
+    pub host: String,
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A registry behind the gate. Bodies stream both ways; errors come back as responses
+/// (OCI error JSON) because only the backend knows what went wrong.
+pub trait Backend: Send + Sync + 'static {
+    fn handle(&self, req: Request<Body>, ctx: RequestContext) -> BoxFuture<'_, Response<Body>>;
+
+    /// One line for logs: what this backend is.
+    fn describe(&self) -> String;
+}

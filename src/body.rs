@@ -1,0 +1,156 @@
+//! The body type that flows through the gate, and a wrapper that counts bytes and
+//! notices when a body is finished or dropped (the access log is written then, so it
+//! reports what really went over the wire).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+
+/// Errors inside a streaming body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Every request and response body in the gate: streamed, boxed once.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// A body with the whole content at hand (error JSON, small answers).
+pub fn full(data: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(data.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// Box any body whose error converts into [`BoxError`].
+pub fn boxed<B>(body: B) -> Body
+where
+    B: HttpBody<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
+}
+
+/// Called once when a [`Counted`] body ends: with `true` when it reached its end,
+/// `false` when it failed or was dropped before.
+pub trait OnEnd: Send + Sync + 'static {
+    fn ended(&mut self, complete: bool);
+}
+
+/// A body that adds the length of every data frame to a shared counter and reports its
+/// end once.
+pub struct Counted<B> {
+    inner: B,
+    counter: Arc<AtomicU64>,
+    on_end: Option<Box<dyn OnEnd>>,
+}
+
+impl<B> Counted<B> {
+    pub fn new(inner: B, counter: Arc<AtomicU64>, on_end: Option<Box<dyn OnEnd>>) -> Self {
+        Counted {
+            inner,
+            counter,
+            on_end,
+        }
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some(mut on_end) = self.on_end.take() {
+            on_end.ended(complete);
+        }
+    }
+}
+
+impl<B> HttpBody for Counted<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                if this.inner.is_end_stream() {
+                    this.finish(true);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.finish(false),
+            Poll::Ready(None) => this.finish(true),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Counted<B> {
+    fn drop(&mut self) {
+        self.finish(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct Record(Arc<Mutex<Vec<bool>>>);
+    impl OnEnd for Record {
+        fn ended(&mut self, complete: bool) {
+            self.0.lock().expect("lock").push(complete);
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_and_reports_once() {
+        let ends = Arc::new(Mutex::new(Vec::new()));
+        let counter = Arc::new(AtomicU64::new(0));
+        let body = Counted::new(
+            full("hello world"),
+            counter.clone(),
+            Some(Box::new(Record(ends.clone()))),
+        );
+        let bytes = body.collect().await.expect("collect").to_bytes();
+        assert_eq!(bytes.len(), 11);
+        assert_eq!(counter.load(Ordering::Relaxed), 11);
+        assert_eq!(*ends.lock().expect("lock"), vec![true]);
+    }
+
+    #[tokio::test]
+    async fn dropped_early_reports_incomplete() {
+        let ends = Arc::new(Mutex::new(Vec::new()));
+        let body = Counted::new(
+            full("x"),
+            Arc::new(AtomicU64::new(0)),
+            Some(Box::new(Record(ends.clone()))),
+        );
+        drop(body);
+        assert_eq!(*ends.lock().expect("lock"), vec![false]);
+    }
+}

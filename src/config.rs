@@ -1,0 +1,516 @@
+//! The configuration file: one TOML document, read once at start, validated fully.
+//!
+//! Unknown keys are errors (a typo must not silently change behaviour). Relative paths
+//! are taken relative to the directory of the configuration file, and every path is
+//! checked before the listener opens, with a message naming the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address of the TLS listener.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The URL clients use, e.g. `https://registry.example.org:5043`. Used to rewrite
+    /// upstream `Location` headers and in auth challenges; when absent, the request's
+    /// `Host` is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
+    /// How often certificate and password files are checked for changes.
+    #[serde(default = "default_watch_interval_ms")]
+    pub watch_interval_ms: u64,
+    pub tls: TlsConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageConfig>,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first (certbot's `fullchain.pem`).
+    pub certificate: PathBuf,
+    /// PEM private key: PKCS#8, PKCS#1 (RSA) or SEC1 (EC) (certbot's `privkey.pem`).
+    pub private_key: PathBuf,
+    /// A TLS handshake that takes longer is dropped.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Apache htpasswd file (bcrypt, apr1, {SHA}, SHA-crypt).
+    pub htpasswd: PathBuf,
+    /// Apache group file (`pusher: mark alice`).
+    pub groups: PathBuf,
+    /// Members of this group may push and delete.
+    #[serde(default = "default_push_group")]
+    pub push_group: String,
+    /// Realm named in Basic challenges.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+    /// How long a successful password check is remembered.
+    #[serde(default = "default_cache_secs")]
+    pub cache_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `http://host:port` of the registry behind the gate.
+    pub url: String,
+    /// Credentials the gate sends upstream (the client's own are never forwarded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// How long to wait for the upstream's response headers.
+    #[serde(default = "default_response_timeout")]
+    pub response_timeout_secs: u64,
+    /// Idle pooled connections are closed after this long.
+    #[serde(default = "default_pool_idle")]
+    pub pool_idle_secs: u64,
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Root of the built-in registry's files (CNCF distribution layout).
+    pub root: PathBuf,
+    /// Whether DELETE of manifests, tags and blobs is allowed.
+    #[serde(default)]
+    pub delete: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// A client must send a whole request head within this time.
+    #[serde(default = "default_header_timeout")]
+    pub header_read_timeout_secs: u64,
+    /// A connection on which nothing moves either way for this long is closed
+    /// (keep-alive idle and stalled transfers alike).
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_secs: u64,
+    /// Connections beyond this wait in the kernel's accept queue.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "default_log_format")]
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `registry_gate=debug`); `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 5043))
+}
+fn default_watch_interval_ms() -> u64 {
+    2000
+}
+fn default_handshake_timeout() -> u64 {
+    10
+}
+fn default_push_group() -> String {
+    "pusher".into()
+}
+fn default_realm() -> String {
+    "registry-gate".into()
+}
+fn default_cache_secs() -> u64 {
+    300
+}
+fn default_connect_timeout() -> u64 {
+    5
+}
+fn default_response_timeout() -> u64 {
+    300
+}
+fn default_pool_idle() -> u64 {
+    60
+}
+fn default_pool_max_idle() -> usize {
+    64
+}
+fn default_header_timeout() -> u64 {
+    30
+}
+fn default_idle_timeout() -> u64 {
+    300
+}
+fn default_grace() -> u64 {
+    30
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_log_format() -> LogFormat {
+    LogFormat::Text
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            header_read_timeout_secs: default_header_timeout(),
+            idle_timeout_secs: default_idle_timeout(),
+            shutdown_grace_secs: default_grace(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+
+/// The parts of an upstream URL the proxy needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    /// `http`
+    pub scheme: String,
+    /// `host:port` as written (port defaulted to 80).
+    pub authority: String,
+}
+
+/// Parse `http://host[:port][/]`. Only plain HTTP upstreams are supported: the
+/// registry behind the gate is the insecure one on a private network.
+pub fn parse_upstream_url(url: &str) -> Result<UpstreamUrl, String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(
+                "https upstreams are not supported yet: use the registry's plain \
+                        http address on the private network"
+                    .into(),
+            );
+        }
+        _ => return Err(format!("{url:?} must start with http://")),
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("{url:?} has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err("put upstream credentials in username/password, not in the URL".into());
+    }
+    let path = uri.path();
+    if !(path.is_empty() || path == "/") || uri.query().is_some() {
+        return Err(format!(
+            "{url:?}: only scheme, host and port are allowed (the gate forwards /v2 as is)"
+        ));
+    }
+    let authority = match authority.port_u16() {
+        Some(_) => authority.as_str().to_owned(),
+        None => format!("{}:80", authority.host()),
+    };
+    Ok(UpstreamUrl {
+        scheme: "http".into(),
+        authority,
+    })
+}
+
+/// The public base URL without a trailing slash, validated.
+pub fn parse_public_url(url: &str) -> Result<String, String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(format!("{url:?} must be an https:// URL"));
+    }
+    if uri.authority().is_none() {
+        return Err(format!("{url:?} has no host"));
+    }
+    if !(uri.path().is_empty() || uri.path() == "/") || uri.query().is_some() {
+        return Err(format!("{url:?}: give only scheme, host and port"));
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
+impl Config {
+    /// Read, parse and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_str_at(&text, path, base)
+    }
+
+    /// Parse and validate TOML text; relative paths are resolved against `base`.
+    pub fn from_str_at(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.resolve_paths(base);
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut self.tls.certificate);
+        abs(&mut self.tls.private_key);
+        if let Some(auth) = &mut self.auth {
+            abs(&mut auth.htpasswd);
+            abs(&mut auth.groups);
+        }
+        if let Some(storage) = &mut self.storage {
+            abs(&mut storage.root);
+        }
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        let readable = |key: &'static str, p: &Path| -> Result<(), ConfigError> {
+            std::fs::File::open(p)
+                .map(drop)
+                .map_err(|e| invalid(key, format!("{}: {e}", p.display())))
+        };
+        readable("tls.certificate", &self.tls.certificate)?;
+        readable("tls.private_key", &self.tls.private_key)?;
+        if let Some(auth) = &self.auth {
+            readable("auth.htpasswd", &auth.htpasswd)?;
+            readable("auth.groups", &auth.groups)?;
+            if auth.push_group.trim().is_empty() || auth.push_group.contains(char::is_whitespace) {
+                return Err(invalid(
+                    "auth.push_group",
+                    "must be one group name without spaces".into(),
+                ));
+            }
+            if auth.realm.contains(['"', '\\']) || auth.realm.chars().any(char::is_control) {
+                return Err(invalid(
+                    "auth.realm",
+                    "may not contain quotes, backslashes or control characters".into(),
+                ));
+            }
+        }
+        if let Some(url) = &self.public_url {
+            parse_public_url(url).map_err(|m| invalid("public_url", m))?;
+        }
+        if let Some(upstream) = &self.upstream {
+            parse_upstream_url(&upstream.url).map_err(|m| invalid("upstream.url", m))?;
+            if upstream.username.is_some() != upstream.password.is_some() {
+                return Err(invalid(
+                    "upstream.username",
+                    "username and password go together".into(),
+                ));
+            }
+            if let Some(user) = &upstream.username
+                && (user.contains(':') || user.chars().any(char::is_control))
+            {
+                return Err(invalid(
+                    "upstream.username",
+                    "may not contain ':' or control characters".into(),
+                ));
+            }
+            if upstream.connect_timeout_secs == 0 || upstream.response_timeout_secs == 0 {
+                return Err(invalid(
+                    "upstream",
+                    "timeouts must be at least 1 second".into(),
+                ));
+            }
+        }
+        if let Some(storage) = &self.storage
+            && storage.root.exists()
+            && !storage.root.is_dir()
+        {
+            return Err(invalid(
+                "storage.root",
+                format!("{} is not a directory", storage.root.display()),
+            ));
+        }
+        if self.watch_interval_ms < 50 {
+            return Err(invalid("watch_interval_ms", "must be at least 50".into()));
+        }
+        if self.tls.handshake_timeout_secs == 0 {
+            return Err(invalid(
+                "tls.handshake_timeout_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        let s = &self.server;
+        if s.header_read_timeout_secs == 0 || s.idle_timeout_secs == 0 {
+            return Err(invalid(
+                "server",
+                "timeouts must be at least 1 second".into(),
+            ));
+        }
+        if s.max_connections == 0 {
+            return Err(invalid(
+                "server.max_connections",
+                "must be at least 1".into(),
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", e.to_string()))?;
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, with secrets masked.
+    pub fn to_toml_masked(&self) -> String {
+        let mut shown = self.clone();
+        if let Some(up) = &mut shown.upstream
+            && up.password.is_some()
+        {
+            up.password = Some("********".into());
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for f in ["cert.pem", "key.pem", "htpasswd", "groups"] {
+            std::fs::write(dir.path().join(f), "").expect("write");
+        }
+        dir
+    }
+
+    const BASE: &str = r#"
+[tls]
+certificate = "cert.pem"
+private_key = "key.pem"
+"#;
+
+    fn load(dir: &Path, extra: &str) -> Result<Config, ConfigError> {
+        let text = format!("{BASE}{extra}");
+        Config::from_str_at(&text, &dir.join("config.toml"), dir)
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let dir = files();
+        let c = load(dir.path(), "").expect("valid");
+        assert_eq!(c.listen, "0.0.0.0:5043".parse().expect("addr"));
+        assert_eq!(c.tls.certificate, dir.path().join("cert.pem"));
+        assert!(c.upstream.is_none());
+        assert_eq!(c.server.shutdown_grace_secs, 30);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let dir = files();
+        let err = load(dir.path(), "[auth]\nhtpaswd = \"htpasswd\"\n").expect_err("typo");
+        assert!(err.to_string().contains("htpaswd"), "{err}");
+        let err = load(dir.path(), "lissten = \"1.2.3.4:1\"\n").expect_err("typo");
+        assert!(err.to_string().contains("lissten"), "{err}");
+    }
+
+    #[test]
+    fn missing_files_name_the_key() {
+        let dir = files();
+        let err = load(
+            dir.path(),
+            "[auth]\nhtpasswd = \"nope\"\ngroups = \"groups\"\n",
+        )
+        .expect_err("missing");
+        assert!(err.to_string().contains("auth.htpasswd"), "{err}");
+    }
+
+    #[test]
+    fn upstream_urls() {
+        assert_eq!(
+            parse_upstream_url("http://docker-local:5000")
+                .expect("ok")
+                .authority,
+            "docker-local:5000"
+        );
+        assert_eq!(
+            parse_upstream_url("http://docker-local/")
+                .expect("ok")
+                .authority,
+            "docker-local:80"
+        );
+        assert!(parse_upstream_url("https://x").is_err());
+        assert!(parse_upstream_url("http://u:p@x").is_err());
+        assert!(parse_upstream_url("http://x/v2").is_err());
+        assert!(parse_upstream_url("ftp://x").is_err());
+    }
+
+    #[test]
+    fn password_is_masked() {
+        let dir = files();
+        let c = load(
+            dir.path(),
+            "[upstream]\nurl = \"http://x:5000\"\nusername = \"u\"\npassword = \"s3cret\"\n",
+        )
+        .expect("valid");
+        let shown = c.to_toml_masked();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("********"));
+    }
+}

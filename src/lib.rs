@@ -1,0 +1,42 @@
+//! registry-gate: a TLS front door for a container registry. Anyone pulls; only the
+//! push group pushes and deletes.
+//!
+//! ```text
+//! main.rs (CLI only) ─ config ─ server::serve(config, listener, shutdown)
+//!
+//! server   accept loop, connection cap, TLS handshake (tls), HTTP/1.1 + HTTP/2,
+//!          idle timeouts (io), graceful shutdown, SIGHUP → reload (watch)
+//!   └ gate     one request, top to bottom: method → route → identity → policy
+//!              → Backend → API-version header → access log
+//!       ├ route    the /v2 URL grammar: typed RepoName, Reference, Digest
+//!       ├ auth     identity from the Authorization header; htpasswd + groups files
+//!       │          (reloaded live), verification cache, policy (who may do what)
+//!       ├ error    every error a client sees: OCI error JSON + status
+//!       └ backend  the trait the gate calls without knowing what is behind it
+//!            └ proxy    Backend for an external upstream registry (pooled, streaming)
+//!
+//! body     the response/request body type and the byte counting used by the log
+//! users    `registry-gate user add|del|list`: edits htpasswd and group files atomically
+//! ```
+//!
+//! Nothing here collects a blob in memory: bodies stream from one side to the other.
+
+pub mod auth;
+pub mod backend;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod gate;
+pub mod io;
+pub mod logging;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod tls;
+pub mod users;
+pub mod watch;
+
+/// The header every response carries exactly once.
+pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
+/// Its value.
+pub const API_VERSION: &str = "registry/2.0";

@@ -1,0 +1,194 @@
+//! The command line: parse arguments, load the configuration, call into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use registry_gate::config::{Config, LogConfig};
+use registry_gate::{logging, server, users};
+
+const DEFAULT_CONFIG: &str = "/etc/registry-gate/config.toml";
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A TLS front door for a container registry: anyone pulls, only pushers push"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gate.
+    Serve {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Validate a configuration and print it as the gate sees it (secrets masked).
+    CheckConfig {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Manage users in the htpasswd and group files (no apache2-utils needed).
+    User {
+        #[command(subcommand)]
+        action: UserCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct UserFiles {
+    /// Take the files from this configuration's [auth] section.
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// The htpasswd file (instead of the configuration's).
+    #[arg(long, requires = "groups")]
+    htpasswd: Option<PathBuf>,
+    /// The group file (instead of the configuration's).
+    #[arg(long, requires = "htpasswd")]
+    groups: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add a user (or set a new password), bcrypt; the password is read from the
+    /// terminal without echo, or from the first line of standard input.
+    Add {
+        name: String,
+        /// Also add the user to this group (repeatable), e.g. `--group pusher`.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// bcrypt cost (4–31).
+        #[arg(long, default_value_t = 10)]
+        cost: u32,
+        #[command(flatten)]
+        files: UserFiles,
+    },
+    /// Remove a user from the htpasswd file and from every group.
+    Del {
+        name: String,
+        #[command(flatten)]
+        files: UserFiles,
+    },
+    /// List users and their groups.
+    List {
+        #[command(flatten)]
+        files: UserFiles,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("registry-gate: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Serve { config } => {
+            let config = Config::load(&config).map_err(|e| e.to_string())?;
+            logging::init(&config.log);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the runtime: {e}"))?;
+            runtime.block_on(async {
+                let listener = tokio::net::TcpListener::bind(config.listen)
+                    .await
+                    .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+                server::serve(config, listener, shutdown_signal())
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        }
+        Command::CheckConfig { config } => {
+            let loaded = Config::load(&config).map_err(|e| e.to_string())?;
+            // Parse the files the gate would read at start, as it would.
+            registry_gate::tls::load_pair(&loaded.tls.certificate, &loaded.tls.private_key)
+                .map_err(|e| e.to_string())?;
+            if let Some(auth) = &loaded.auth {
+                registry_gate::auth::Authenticator::load(auth).map_err(|e| e.to_string())?;
+            }
+            print!("{}", loaded.to_toml_masked());
+            eprintln!("{}: OK", config.display());
+            Ok(())
+        }
+        Command::User { action } => {
+            logging::init(&LogConfig::default());
+            user_command(action)
+        }
+    }
+}
+
+fn user_files(files: &UserFiles) -> Result<(PathBuf, PathBuf), String> {
+    if let (Some(h), Some(g)) = (&files.htpasswd, &files.groups) {
+        return Ok((h.clone(), g.clone()));
+    }
+    let config = Config::load(&files.config).map_err(|e| e.to_string())?;
+    let auth = config.auth.ok_or_else(|| {
+        format!(
+            "{} has no [auth] section; give --htpasswd and --groups",
+            files.config.display()
+        )
+    })?;
+    Ok((auth.htpasswd, auth.groups))
+}
+
+fn user_command(action: UserCommand) -> Result<(), String> {
+    match action {
+        UserCommand::Add {
+            name,
+            groups,
+            cost,
+            files,
+        } => {
+            let (htpasswd, group_file) = user_files(&files)?;
+            let password = users::read_password(true).map_err(|e| e.to_string())?;
+            users::add_user(&htpasswd, &group_file, &name, &password, &groups, cost)
+                .map_err(|e| e.to_string())?;
+            eprintln!("user {name} saved in {}", htpasswd.display());
+            Ok(())
+        }
+        UserCommand::Del { name, files } => {
+            let (htpasswd, group_file) = user_files(&files)?;
+            users::del_user(&htpasswd, &group_file, &name).map_err(|e| e.to_string())?;
+            eprintln!("user {name} removed");
+            Ok(())
+        }
+        UserCommand::List { files } => {
+            let (htpasswd, group_file) = user_files(&files)?;
+            for (user, groups) in
+                users::list_users(&htpasswd, &group_file).map_err(|e| e.to_string())?
+            {
+                println!("{user}\t{}", groups.join(","));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot watch SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = term => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,300 @@
+//! The [`Backend`] for an external registry (the insecure `registry:2` on a private
+//! network): a pooled keep-alive HTTP client that streams bodies both ways.
+//!
+//! Like Apache's `ProxyPass` + `ProxyPassReverse` + `ProxyPreserveHost`, but stricter:
+//! hop-by-hop headers and the client's `Authorization` never pass, `X-Forwarded-*` are
+//! set by the gate (never taken from the client), and only the configured upstream is
+//! ever contacted: the target is built from configuration, never from the request.
+
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::backend::{Backend, BoxFuture, RequestContext};
+use crate::body::{self, Body};
+use crate::config::{UpstreamConfig, UpstreamUrl, parse_upstream_url};
+use crate::error::{ErrorCode, OciError};
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
+/// ones a proxy must not pass on.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Headers a client may not set on the upstream request: the gate sets them itself.
+const CLIENT_SET_FORBIDDEN: &[&str] = &[
+    "authorization",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-real-ip",
+    "expect",
+];
+
+/// Remove hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+pub struct Proxy {
+    client: Client<HttpConnector, Body>,
+    upstream: UpstreamUrl,
+    /// `http://host:port` for messages and `Location` rewriting.
+    origin: String,
+    credentials: Option<HeaderValue>,
+    response_timeout: Duration,
+}
+
+impl Proxy {
+    pub fn new(config: &UpstreamConfig) -> Result<Proxy, String> {
+        let upstream = parse_upstream_url(&config.url)?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(config.connect_timeout_secs)));
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(config.pool_idle_secs))
+            .pool_max_idle_per_host(config.pool_max_idle)
+            .set_host(false)
+            .build(connector);
+        let credentials = match (&config.username, &config.password) {
+            (Some(u), Some(p)) => {
+                use base64::Engine;
+                let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+                let mut v = HeaderValue::from_str(&format!("Basic {token}"))
+                    .map_err(|e| format!("upstream credentials: {e}"))?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            _ => None,
+        };
+        let origin = format!("{}://{}", upstream.scheme, upstream.authority);
+        Ok(Proxy {
+            client,
+            upstream,
+            origin,
+            credentials,
+            response_timeout: Duration::from_secs(config.response_timeout_secs),
+        })
+    }
+
+    fn upstream_request(
+        &self,
+        req: Request<Body>,
+        ctx: &RequestContext,
+    ) -> Result<Request<Body>, OciError> {
+        let (mut parts, body) = req.into_parts();
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned();
+        parts.uri = Uri::builder()
+            .scheme(self.upstream.scheme.as_str())
+            .authority(self.upstream.authority.as_str())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|e| {
+                OciError::new(
+                    ErrorCode::Unknown,
+                    format!("cannot build upstream URI: {e}"),
+                )
+            })?;
+        parts.version = http::Version::HTTP_11;
+        let headers = &mut parts.headers;
+        strip_hop_by_hop(headers);
+        for name in CLIENT_SET_FORBIDDEN {
+            headers.remove(*name);
+        }
+        // ProxyPreserveHost: the upstream sees the host the client asked for.
+        if let Ok(host) = HeaderValue::from_str(&ctx.host) {
+            headers.insert(header::HOST, host.clone());
+            headers.insert("x-forwarded-host", host);
+        }
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        if let Ok(ip) = HeaderValue::from_str(&ctx.peer.ip().to_string()) {
+            headers.insert("x-forwarded-for", ip);
+        }
+        if let Some(creds) = &self.credentials {
+            headers.insert(header::AUTHORIZATION, creds.clone());
+        }
+        Ok(Request::from_parts(parts, body))
+    }
+
+    /// `ProxyPassReverse`: a `Location` that points at the upstream points at the gate.
+    fn rewrite_location(&self, headers: &mut HeaderMap, public_base: &str) {
+        let Some(loc) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) else {
+            return;
+        };
+        let mut prefixes = vec![self.origin.clone()];
+        if let Some(host) = self.upstream.authority.strip_suffix(":80") {
+            prefixes.push(format!("http://{host}"));
+        }
+        for prefix in prefixes {
+            if let Some(rest) = loc.strip_prefix(&prefix)
+                && (rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+            {
+                if let Ok(v) = HeaderValue::from_str(&format!("{public_base}{rest}")) {
+                    headers.insert(header::LOCATION, v);
+                }
+                return;
+            }
+        }
+    }
+
+    async fn forward(&self, req: Request<Body>, ctx: RequestContext) -> Response<Body> {
+        let upstream_req = match self.upstream_request(req, &ctx) {
+            Ok(r) => r,
+            Err(e) => return e.into_response(),
+        };
+        let sent =
+            tokio::time::timeout(self.response_timeout, self.client.request(upstream_req)).await;
+        let resp = match sent {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                let cause = error_chain(&e);
+                tracing::warn!(id = %ctx.id, upstream = %self.origin, "upstream request failed: {cause}");
+                let what = if e.is_connect() {
+                    "unreachable"
+                } else {
+                    "failed"
+                };
+                return OciError::new(
+                    ErrorCode::Unavailable,
+                    format!("upstream registry {} {what}: {cause}", self.origin),
+                )
+                .into_response();
+            }
+            Err(_) => {
+                tracing::warn!(id = %ctx.id, upstream = %self.origin, "upstream response timed out");
+                return OciError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "upstream registry {} did not answer within {} s",
+                        self.origin,
+                        self.response_timeout.as_secs()
+                    ),
+                )
+                .with_status(StatusCode::GATEWAY_TIMEOUT)
+                .into_response();
+            }
+        };
+        let (mut parts, incoming) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        self.rewrite_location(&mut parts.headers, &ctx.public_base);
+        Response::from_parts(parts, body::boxed(incoming))
+    }
+}
+
+/// An error and its causes in one line (hyper-util's top-level message alone is vague).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !out.contains(&s_text) {
+            out.push_str(": ");
+            out.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+impl Backend for Proxy {
+    fn handle(&self, req: Request<Body>, ctx: RequestContext) -> BoxFuture<'_, Response<Body>> {
+        Box::pin(self.forward(req, ctx))
+    }
+
+    fn describe(&self) -> String {
+        format!("proxy to {}", self.origin)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_named() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("content-type", HeaderValue::from_static("a/b"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("content-type"));
+    }
+
+    #[test]
+    fn rewrites_upstream_locations_only() {
+        let cfg = UpstreamConfig {
+            url: "http://docker-local:5000".into(),
+            username: None,
+            password: None,
+            connect_timeout_secs: 1,
+            response_timeout_secs: 1,
+            pool_idle_secs: 1,
+            pool_max_idle: 1,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        let _guard = rt.enter();
+        let p = Proxy::new(&cfg).expect("proxy");
+        let mut h = HeaderMap::new();
+        h.insert(
+            "location",
+            HeaderValue::from_static("http://docker-local:5000/v2/a/blobs/uploads/x?y=1"),
+        );
+        p.rewrite_location(&mut h, "https://reg.example:5043");
+        assert_eq!(
+            h["location"],
+            "https://reg.example:5043/v2/a/blobs/uploads/x?y=1"
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            "location",
+            HeaderValue::from_static("http://docker-local:50001/v2/"),
+        );
+        p.rewrite_location(&mut h, "https://reg.example:5043");
+        assert_eq!(h["location"], "http://docker-local:50001/v2/");
+        let mut h = HeaderMap::new();
+        h.insert(
+            "location",
+            HeaderValue::from_static("/v2/a/blobs/uploads/x"),
+        );
+        p.rewrite_location(&mut h, "https://reg.example:5043");
+        assert_eq!(h["location"], "/v2/a/blobs/uploads/x");
+    }
+}

@@ -1,0 +1,244 @@
+//! The listener: accept loop with a connection cap, TLS handshake with a timeout,
+//! HTTP/1.1 and HTTP/2 (by ALPN) on one port, idle timeouts, SIGHUP → reload,
+//! and graceful shutdown that lets in-flight transfers finish up to a deadline.
+//!
+//! `serve` takes an already-bound listener and a shutdown future, so tests drive the
+//! real thing on `127.0.0.1:0`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::auth::Authenticator;
+use crate::auth::policy::Policy;
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::gate::Gate;
+use crate::io::IdleTimeout;
+use crate::proxy::Proxy;
+use crate::tls::{self, CertStore};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("password files: {0}")]
+    Auth(#[from] crate::auth::htpasswd::LoadError),
+    #[error("upstream: {0}")]
+    Upstream(String),
+    #[error("{0}")]
+    Backend(String),
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Everything one connection needs, shared by all.
+struct Shared {
+    gate: Gate,
+    acceptor: TlsAcceptor,
+    http: auto::Builder<TokioExecutor>,
+    handshake_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+/// Run the gate on `listener` until `shutdown` resolves, then drain.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let certs = Arc::new(CertStore::new(tls::load_pair(
+        &config.tls.certificate,
+        &config.tls.private_key,
+    )?));
+    let tls_config = tls::server_config(certs.clone())?;
+
+    let auth = match &config.auth {
+        Some(a) => Some(Arc::new(Authenticator::load(a)?)),
+        None => None,
+    };
+    let backend: Arc<dyn Backend> = match &config.upstream {
+        Some(up) => Arc::new(Proxy::new(up).map_err(ServeError::Upstream)?),
+        None => {
+            return Err(ServeError::Backend(
+                "no [upstream] configured, and the built-in registry (all-in-one) is not \
+                 part of this version yet: add [upstream] url = \"http://host:5000\""
+                    .into(),
+            ));
+        }
+    };
+    tracing::info!(backend = %backend.describe(), "serving /v2");
+
+    // Reloads: file changes and SIGHUP.
+    let (hup_tx, hup_rx) = watch::channel(0u64);
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(ServeError::Signal)?;
+    let hup_task = tokio::spawn(async move {
+        let mut n = 0u64;
+        while hup.recv().await.is_some() {
+            n += 1;
+            tracing::info!("SIGHUP: reloading certificate and password files");
+            if hup_tx.send(n).is_err() {
+                return;
+            }
+        }
+    });
+    let interval = Duration::from_millis(config.watch_interval_ms);
+    let mut reloaders = vec![tls::spawn_reloader(
+        certs,
+        config.tls.certificate.clone(),
+        config.tls.private_key.clone(),
+        interval,
+        hup_rx.clone(),
+    )];
+    if let Some(auth) = &auth {
+        let a = auth.clone();
+        reloaders.push(crate::watch::spawn_reloader(
+            "auth",
+            auth.paths(),
+            interval,
+            hup_rx,
+            move || {
+                a.reload();
+            },
+        ));
+    }
+
+    let policy = Policy::new(config.auth.as_ref().map(|a| a.push_group.clone()));
+    let realm = config
+        .auth
+        .as_ref()
+        .map_or_else(|| "registry-gate".to_owned(), |a| a.realm.clone());
+    let public_url = config
+        .public_url
+        .as_deref()
+        .map(|u| u.trim_end_matches('/').to_owned());
+    let gate = Gate::new(backend, auth, policy, public_url, realm);
+
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(config.server.header_read_timeout_secs))
+        .max_headers(100)
+        .keep_alive(true);
+    http.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(64 * 1024)
+        .initial_stream_window_size(1024 * 1024)
+        .initial_connection_window_size(4 * 1024 * 1024);
+
+    let shared = Arc::new(Shared {
+        gate,
+        acceptor: TlsAcceptor::from(Arc::new(tls_config)),
+        http,
+        handshake_timeout: Duration::from_secs(config.tls.handshake_timeout_secs),
+        idle_timeout: Duration::from_secs(config.server.idle_timeout_secs),
+    });
+
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "listening");
+    }
+    let graceful = GracefulShutdown::new();
+    let limit = Arc::new(Semaphore::new(config.server.max_connections));
+    let at_limit = AtomicBool::new(false);
+    tokio::pin!(shutdown);
+    loop {
+        if limit.available_permits() == 0 && !at_limit.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                max_connections = config.server.max_connections,
+                "connection limit reached; new connections wait"
+            );
+        }
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::error!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if limit.available_permits() > 0 {
+            at_limit.store(false, Ordering::Relaxed);
+        }
+        let shared = shared.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            serve_connection(shared, tcp, peer, watcher).await;
+            drop(permit);
+        });
+    }
+
+    drop(listener);
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    tracing::info!(
+        open = graceful.count(),
+        "shutting down; draining connections"
+    );
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown deadline passed; closing remaining connections");
+    }
+    hup_task.abort();
+    for r in reloaders {
+        r.abort();
+    }
+    Ok(())
+}
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let _ = tcp.set_nodelay(true);
+    let tls =
+        match tokio::time::timeout(shared.handshake_timeout, shared.acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!("{peer}: TLS handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("{peer}: TLS handshake timed out");
+                return;
+            }
+        };
+    let io = TokioIo::new(IdleTimeout::new(tls, shared.idle_timeout));
+    let svc_shared = shared.clone();
+    let service = service_fn(move |req| {
+        let shared = svc_shared.clone();
+        async move { Ok::<_, Infallible>(shared.gate.handle(req, peer).await) }
+    });
+    let conn = shared.http.serve_connection(io, service).into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!("{peer}: connection ended: {e}");
+    }
+}

@@ -1,0 +1,202 @@
+//! The shared end-to-end harness: a real gate over real TLS on an ephemeral port,
+//! fronting a real CNCF registry (`docker-registry`) that the test starts itself.
+//!
+//! * `pki`      — throw-away CAs and leaf certificates, made with the openssl CLI
+//! * `upstream` — `docker-registry serve` on a free loopback port, with its access log
+//! * `gate`     — the config file, the listener and the running `serve` task
+//! * `client`   — an HTTPS client (hyper 1, HTTP/1.1 and HTTP/2) trusting the test CA
+//! * `image`    — the one helper that pushes a whole OCI image, and the one that pulls it
+//! * `skopeo`   — running the real skopeo against the gate
+//!
+//! `Stack` puts them together: the usual arrangement of one test.
+#![allow(dead_code)]
+
+pub mod client;
+pub mod gate;
+pub mod image;
+pub mod pki;
+pub mod skopeo;
+pub mod upstream;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use sha2::{Digest as _, Sha256};
+use tempfile::TempDir;
+
+use client::Client;
+use gate::{Gate, GateOptions};
+use pki::{Ca, KeyAlg, KeyEncoding, Leaf};
+use upstream::{Upstream, UpstreamOptions};
+
+/// A member of the push group.
+pub const PUSHER: (&str, &str) = ("mark", "mark-pushes-images");
+/// A valid user who is not in the push group.
+pub const VIEWER: (&str, &str) = ("vera", "vera-only-looks");
+
+/// How long a test waits for something that should happen "soon" (a reload, a
+/// restart) before it fails. Generous: it only guards against hangs.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// How often the gate checks its certificate and password files in tests.
+pub const WATCH_INTERVAL_MS: u64 = 200;
+
+/// The usual arrangement: a test CA and leaf, a registry upstream and the gate
+/// in front of it, all inside one temporary directory.
+pub struct Stack {
+    pub dir: TempDir,
+    pub ca: Ca,
+    pub leaf: Leaf,
+    pub upstream: Upstream,
+    pub gate: Gate,
+}
+
+/// Knobs for `Stack::start_with`.
+pub struct StackOptions {
+    pub key_alg: KeyAlg,
+    pub key_encoding: KeyEncoding,
+    pub upstream: UpstreamOptions,
+    /// `public_url` in the gate's config; `None` leaves it out.
+    pub public_url: Option<String>,
+    /// TOML inserted before the first table of the gate's config.
+    pub extra_top_level: String,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            key_alg: KeyAlg::EcP256,
+            key_encoding: KeyEncoding::Pkcs8,
+            upstream: UpstreamOptions::default(),
+            public_url: None,
+            extra_top_level: String::new(),
+        }
+    }
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        Stack::start_with(StackOptions::default()).await
+    }
+
+    pub async fn start_with(options: StackOptions) -> Stack {
+        init_tracing();
+        let dir = tempfile::Builder::new()
+            .prefix("registry-gate-test")
+            .tempdir()
+            .expect("create a temporary directory");
+        let ca = Ca::new(&dir.path().join("ca"), "registry-gate test CA", options.key_alg);
+        let leaf = ca.issue("localhost", options.key_alg, options.key_encoding);
+        let upstream = Upstream::start(&dir.path().join("upstream"), options.upstream);
+        let gate = Gate::start(
+            &dir.path().join("gate"),
+            GateOptions {
+                upstream_url: upstream.url(),
+                public_url: options.public_url,
+                extra_top_level: options.extra_top_level,
+                ..GateOptions::new(&leaf)
+            },
+        )
+        .await;
+        Stack {
+            dir,
+            ca,
+            leaf,
+            upstream,
+            gate,
+        }
+    }
+
+    /// An anonymous HTTP/1.1 client that trusts the test CA.
+    pub fn client(&self) -> Client {
+        Client::new(self.gate.addr, &[&self.ca.cert])
+    }
+
+    /// A client sending the push group member's credentials.
+    pub fn pusher(&self) -> Client {
+        self.client().with_basic(PUSHER.0, PUSHER.1)
+    }
+
+    /// A client sending valid credentials of a user outside the push group.
+    pub fn viewer(&self) -> Client {
+        self.client().with_basic(VIEWER.0, VIEWER.1)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// Route the gate's tracing output into the test's captured output, so a failing
+/// test shows what the gate logged. `RUST_LOG` overrides the default level.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// `sha256:<hex>` of some bytes.
+pub fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex(&Sha256::digest(data)))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), cheap enough for 64 MiB in a
+/// debug build; `seed` makes different layers differ.
+pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Poll `probe` until it yields `Some`, failing the test with `what` after `DEADLINE`.
+pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        if start.elapsed() > DEADLINE {
+            panic!("gave up after {DEADLINE:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Run an external tool, failing the test with the Debian package to install when
+/// it is missing.
+pub fn command(program: &str, package: &str) -> Command {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false);
+    if !found {
+        panic!("{program} not found on PATH: apt-get install {package}");
+    }
+    Command::new(program)
+}
+
+/// Write a file through a temporary name and a rename, as certbot and editors do,
+/// so a watcher never sees it half-written.
+pub fn replace_file(path: &Path, contents: &[u8]) {
+    let tmp = path.with_extension("tmp-replace");
+    std::fs::write(&tmp, contents).expect("write replacement file");
+    std::fs::rename(&tmp, path).expect("rename replacement file into place");
+}
