@@ -41,6 +41,21 @@ where
     body.map_err(Into::into).boxed()
 }
 
+/// Read a whole body that must be small (a catalog page, a form), refusing one
+/// longer than `limit` bytes without reading further.
+pub async fn collect_limited(mut body: Body, limit: usize) -> Result<Bytes, BoxError> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(format!("longer than {limit} bytes").into());
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
 /// Called once when a [`Counted`] body ends: with `true` when it reached its end,
 /// `false` when it failed or was dropped before.
 pub trait OnEnd: Send + Sync + 'static {
@@ -49,13 +64,13 @@ pub trait OnEnd: Send + Sync + 'static {
 
 /// A body that adds the length of every data frame to a shared counter and reports its
 /// end once.
-pub struct Counted<B> {
+pub struct Counted<B: HttpBody> {
     inner: B,
     counter: Arc<AtomicU64>,
     on_end: Option<Box<dyn OnEnd>>,
 }
 
-impl<B> Counted<B> {
+impl<B: HttpBody> Counted<B> {
     pub fn new(inner: B, counter: Arc<AtomicU64>, on_end: Option<Box<dyn OnEnd>>) -> Self {
         Counted {
             inner,
@@ -109,9 +124,11 @@ where
     }
 }
 
-impl<B> Drop for Counted<B> {
+impl<B: HttpBody> Drop for Counted<B> {
     fn drop(&mut self) {
-        self.finish(false);
+        // An empty body (HEAD, 202 without content) is complete without being polled.
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
     }
 }
 

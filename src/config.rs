@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::policy::RuleConfig;
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -45,6 +47,12 @@ pub struct Config {
     pub tls: TlsConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthConfig>,
+    #[serde(default)]
+    pub token: TokenConfig,
+    /// Per-repository access rules, first match wins; after them the default
+    /// (pull: anonymous; push, delete: the push group).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<UpstreamConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -83,6 +91,43 @@ pub struct AuthConfig {
     /// How long a successful password check is remembered.
     #[serde(default = "default_cache_secs")]
     pub cache_secs: u64,
+    /// Failed logins from one address or for one user before a lockout.
+    #[serde(default = "default_max_failures")]
+    pub max_failures: u32,
+    /// How long a lockout lasts.
+    #[serde(default = "default_lockout_secs")]
+    pub lockout_secs: u64,
+}
+
+/// Registry tokens: the endpoint clients are sent to by the `Bearer` challenge.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Path of the token endpoint on the gate's own port.
+    #[serde(default = "default_token_path")]
+    pub path: String,
+    /// The `service` named in challenges and required in tokens. Default: the host
+    /// (and port) of `public_url`, else of the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Token lifetime in seconds (at least 60).
+    #[serde(default = "default_token_expiry")]
+    pub expires_secs: u64,
+    /// A file whose content (at least 32 bytes) is the signing key, shared by several
+    /// gates behind one load balancer. Absent: a random key per start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        TokenConfig {
+            path: default_token_path(),
+            service: None,
+            expires_secs: default_token_expiry(),
+            key_file: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -168,6 +213,18 @@ fn default_realm() -> String {
     "registry-gate".into()
 }
 fn default_cache_secs() -> u64 {
+    300
+}
+fn default_max_failures() -> u32 {
+    10
+}
+fn default_lockout_secs() -> u64 {
+    300
+}
+fn default_token_path() -> String {
+    "/token".into()
+}
+fn default_token_expiry() -> u64 {
     300
 }
 fn default_connect_timeout() -> u64 {
@@ -323,6 +380,9 @@ impl Config {
         if let Some(storage) = &mut self.storage {
             abs(&mut storage.root);
         }
+        if let Some(key) = &mut self.token.key_file {
+            abs(key);
+        }
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -352,6 +412,39 @@ impl Config {
                     "auth.realm",
                     "may not contain quotes, backslashes or control characters".into(),
                 ));
+            }
+        }
+        let t = &self.token;
+        let path_ok = t.path.starts_with('/')
+            && t.path.len() > 1
+            && !t.path.starts_with("/v2")
+            && crate::route::normalize(&t.path).is_ok_and(|p| p == t.path);
+        if !path_ok {
+            return Err(invalid(
+                "token.path",
+                "must be a plain absolute path outside /v2, like /token".into(),
+            ));
+        }
+        if t.expires_secs < 60 {
+            return Err(invalid("token.expires_secs", "must be at least 60".into()));
+        }
+        if let Some(service) = &t.service
+            && (service.is_empty()
+                || service.contains(['"', '\\'])
+                || service.chars().any(char::is_control))
+        {
+            return Err(invalid(
+                "token.service",
+                "must be non-empty, without quotes, backslashes or control characters".into(),
+            ));
+        }
+        if let Some(key) = &t.key_file {
+            crate::auth::token::TokenKey::from_file(key)
+                .map_err(|e| invalid("token.key_file", e.to_string()))?;
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            if let Some(problem) = rule.problem() {
+                return Err(invalid("rules", format!("rule {}: {problem}", i + 1)));
             }
         }
         if let Some(url) = &self.public_url {

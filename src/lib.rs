@@ -8,9 +8,13 @@
 //!          idle timeouts (io), graceful shutdown, SIGHUP → reload (watch)
 //!   └ gate     one request, top to bottom: method → route → identity → policy
 //!              → Backend → API-version header → access log
+//!       ├ gate::token_endpoint  GET/POST /token: registry tokens for clients
+//!       ├ gate::catalog         hides repositories the caller may not pull
 //!       ├ route    the /v2 URL grammar: typed RepoName, Reference, Digest
-//!       ├ auth     identity from the Authorization header; htpasswd + groups files
-//!       │          (reloaded live), verification cache, policy (who may do what)
+//!       ├ auth     identity from the Authorization header (Basic or Bearer);
+//!       │          htpasswd + group files (reloaded live), verification cache,
+//!       │          throttle (brute force), token (format, signing, scopes → grant),
+//!       │          policy (per-repository rules: who may pull, push, delete)
 //!       ├ error    every error a client sees: OCI error JSON + status
 //!       └ backend  the trait the gate calls without knowing what is behind it
 //!            └ proxy    Backend for an external upstream registry (pooled, streaming)

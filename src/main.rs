@@ -58,8 +58,8 @@ enum UserCommand {
     Add {
         name: String,
         /// Also add the user to this group (repeatable), e.g. `--group pusher`.
-        #[arg(long = "group")]
-        groups: Vec<String>,
+        #[arg(long = "group", value_name = "GROUP")]
+        add_to: Vec<String>,
         /// bcrypt cost (4–31).
         #[arg(long, default_value_t = 10)]
         cost: u32,
@@ -145,13 +145,13 @@ fn user_command(action: UserCommand) -> Result<(), String> {
     match action {
         UserCommand::Add {
             name,
-            groups,
+            add_to,
             cost,
             files,
         } => {
             let (htpasswd, group_file) = user_files(&files)?;
             let password = users::read_password(true).map_err(|e| e.to_string())?;
-            users::add_user(&htpasswd, &group_file, &name, &password, &groups, cost)
+            users::add_user(&htpasswd, &group_file, &name, &password, &add_to, cost)
                 .map_err(|e| e.to_string())?;
             eprintln!("user {name} saved in {}", htpasswd.display());
             Ok(())
@@ -190,5 +190,16 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
     }
 }

@@ -22,9 +22,10 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::auth::Authenticator;
 use crate::auth::policy::Policy;
+use crate::auth::token::TokenKey;
 use crate::backend::Backend;
 use crate::config::Config;
-use crate::gate::Gate;
+use crate::gate::{Gate, TokenSettings};
 use crate::io::IdleTimeout;
 use crate::proxy::Proxy;
 use crate::tls::{self, CertStore};
@@ -116,16 +117,26 @@ pub async fn serve(
         ));
     }
 
-    let policy = Policy::new(config.auth.as_ref().map(|a| a.push_group.clone()));
-    let realm = config
-        .auth
-        .as_ref()
-        .map_or_else(|| "registry-gate".to_owned(), |a| a.realm.clone());
+    let policy = Policy::new(
+        config.auth.as_ref().map(|a| a.push_group.clone()),
+        &config.rules,
+    );
+    let tokens = TokenSettings {
+        key: match &config.token.key_file {
+            Some(path) => {
+                TokenKey::from_file(path).map_err(|e| ServeError::Backend(e.to_string()))?
+            }
+            None => TokenKey::random(),
+        },
+        path: config.token.path.clone(),
+        service: config.token.service.clone(),
+        lifetime: Duration::from_secs(config.token.expires_secs),
+    };
     let public_url = config
         .public_url
         .as_deref()
         .map(|u| u.trim_end_matches('/').to_owned());
-    let gate = Gate::new(backend, auth, policy, public_url, realm);
+    let gate = Gate::new(backend, auth, policy, public_url, tokens);
 
     let mut http = auto::Builder::new(TokioExecutor::new());
     http.http1()

@@ -9,8 +9,11 @@
 pub mod groups;
 pub mod htpasswd;
 pub mod policy;
+pub mod throttle;
+pub mod token;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -29,8 +32,10 @@ use htpasswd::{Htpasswd, LoadError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
     Anonymous,
-    /// A user whose password was verified.
+    /// A user whose password was verified (Basic).
     User(String),
+    /// The holder of a token this gate issued.
+    Token(token::Claims),
 }
 
 impl Identity {
@@ -39,6 +44,7 @@ impl Identity {
         match self {
             Identity::Anonymous => "-",
             Identity::User(u) => u,
+            Identity::Token(c) => c.subject(),
         }
     }
 }
@@ -52,6 +58,8 @@ pub enum Credentials {
         user: String,
         password: Vec<u8>,
     },
+    /// A token (checked by the gate against the token key).
+    Bearer(String),
 }
 
 impl std::fmt::Debug for Credentials {
@@ -59,6 +67,7 @@ impl std::fmt::Debug for Credentials {
         match self {
             Credentials::None => write!(f, "None"),
             Credentials::Basic { user, .. } => write!(f, "Basic({user}, <password>)"),
+            Credentials::Bearer(_) => write!(f, "Bearer(<token>)"),
         }
     }
 }
@@ -92,6 +101,13 @@ pub fn parse_authorization(headers: &HeaderMap) -> Result<Credentials, Credentia
     }
     let text = std::str::from_utf8(raw).map_err(|_| CredentialError::Malformed("not ASCII"))?;
     let (scheme, rest) = text.trim().split_once(' ').unwrap_or((text.trim(), ""));
+    if scheme.eq_ignore_ascii_case("bearer") {
+        let token = rest.trim();
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(CredentialError::Malformed("bad bearer token"));
+        }
+        return Ok(Credentials::Bearer(token.to_owned()));
+    }
     if !scheme.eq_ignore_ascii_case("basic") {
         return Err(CredentialError::UnsupportedScheme);
     }
@@ -163,6 +179,16 @@ pub struct Authenticator {
     /// Bounds concurrent password hashing so a flood of logins cannot take every
     /// blocking thread.
     hashing: Semaphore,
+    throttle: throttle::Throttle,
+}
+
+/// The outcome of a password check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordCheck {
+    Valid,
+    Invalid,
+    /// Too many failures from this address or for this user: try again after this.
+    LockedOut(Duration),
 }
 
 impl Authenticator {
@@ -179,6 +205,10 @@ impl Authenticator {
             cache_key: rand::random(),
             ttl: Duration::from_secs(config.cache_secs),
             hashing: Semaphore::new(slots),
+            throttle: throttle::Throttle::new(
+                config.max_failures,
+                Duration::from_secs(config.lockout_secs),
+            ),
         })
     }
 
@@ -236,20 +266,50 @@ impl Authenticator {
         mac.finalize().into_bytes().into()
     }
 
-    /// Whether `password` is `user`'s. Runs the hash on the blocking pool.
-    pub async fn verify(self: &Arc<Self>, user: &str, password: &[u8]) -> bool {
+    /// Check `user`'s password for a client at `ip`, with brute-force throttling: a
+    /// failure is answered after a growing delay, and too many lock the address and the
+    /// user name out for a while. A failure is logged in one line for fail2ban.
+    pub async fn check_password(&self, ip: IpAddr, user: &str, password: &[u8]) -> PasswordCheck {
+        if self.cached(user, password) {
+            return PasswordCheck::Valid;
+        }
+        if let Err(retry) = self.throttle.check(ip, user) {
+            log_auth_failure(ip, user, "locked out after repeated failures");
+            return PasswordCheck::LockedOut(retry);
+        }
+        if self.verify(user, password).await {
+            self.throttle.succeeded(ip, user);
+            PasswordCheck::Valid
+        } else {
+            let reason = if self.accounts().htpasswd.contains(user) {
+                "wrong password"
+            } else {
+                "unknown user"
+            };
+            log_auth_failure(ip, user, reason);
+            let delay = self.throttle.failed(ip, user);
+            tokio::time::sleep(delay).await;
+            PasswordCheck::Invalid
+        }
+    }
+
+    fn cached(&self, user: &str, password: &[u8]) -> bool {
         let key = self.cache_key(user, password);
         let generation = self.generation.load(Ordering::SeqCst);
-        {
-            let cache = self.lock_cache();
-            if let Some(hit) = cache.get(&key)
-                && hit.generation == generation
-                && hit.expires > Instant::now()
-                && hit.user == user
-            {
-                return true;
-            }
+        let cache = self.lock_cache();
+        cache.get(&key).is_some_and(|hit| {
+            hit.generation == generation && hit.expires > Instant::now() && hit.user == user
+        })
+    }
+
+    /// Whether `password` is `user`'s, without throttling. Runs the hash on the
+    /// blocking pool.
+    pub async fn verify(&self, user: &str, password: &[u8]) -> bool {
+        if self.cached(user, password) {
+            return true;
         }
+        let key = self.cache_key(user, password);
+        let generation = self.generation.load(Ordering::SeqCst);
         let Ok(_permit) = self.hashing.acquire().await else {
             return false;
         };
@@ -279,10 +339,29 @@ impl Authenticator {
         ok
     }
 
+    /// Log a failed credential check that never reached a password (malformed header).
+    pub fn log_malformed(ip: IpAddr, reason: &str) {
+        log_auth_failure(ip, "-", reason);
+    }
+
     /// Whether `user` is in `group` in the current group file.
     pub fn is_member(&self, user: &str, group: &str) -> bool {
         self.accounts().groups.is_member(user, group)
     }
+}
+
+/// One line per failed login, in a fixed shape for fail2ban:
+/// `auth failure: peer=1.2.3.4 user=mark reason=wrong password`.
+pub fn log_auth_failure(ip: IpAddr, user: &str, reason: &str) {
+    let user: String = user
+        .chars()
+        .take(128)
+        .flat_map(char::escape_default)
+        .collect();
+    tracing::warn!(
+        target: "registry_gate::auth_failure",
+        "auth failure: peer={ip} user={user} reason={reason}"
+    );
 }
 
 #[cfg(test)]
@@ -306,6 +385,14 @@ mod tests {
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(raw)
         )
+    }
+
+    #[test]
+    fn parses_bearer() {
+        assert_eq!(
+            parse_authorization(&headers(&["Bearer abc.def"])),
+            Ok(Credentials::Bearer("abc.def".into()))
+        );
     }
 
     #[test]
@@ -364,8 +451,12 @@ mod tests {
             ),
             (vec!["Digest x".into()], CredentialError::UnsupportedScheme),
             (
-                vec!["Bearer abc".into()],
-                CredentialError::UnsupportedScheme,
+                vec!["Bearer ".into()],
+                CredentialError::Malformed("bad bearer token"),
+            ),
+            (
+                vec!["Bearer a b".into()],
+                CredentialError::Malformed("bad bearer token"),
             ),
             (
                 vec![format!("Basic {}", "A".repeat(5000))],

@@ -1,0 +1,589 @@
+//! The per-request pipeline, top to bottom:
+//!
+//! 1. request target: origin-form only (no open proxy), method one of the six the
+//!    registry API uses (case-sensitive); the token endpoint is answered here
+//!    (`token_endpoint`), everything else must be a `/v2` route;
+//! 2. identity from the `Authorization` header: Basic (a wrong password is refused on
+//!    every request, reads included) or a token this gate issued;
+//! 3. policy: `GET /v2/` needs an identity (that is what makes every client ask for a
+//!    token and `login` honest); other reads follow the rules (anonymous by default);
+//!    a refused request gets a Bearer challenge naming the scope it needs, or 403 for a
+//!    Basic user without the right; a write is refused before one byte of its body is
+//!    read;
+//! 4. the backend, with the body streaming through (the catalog is filtered when rules
+//!    can hide repositories);
+//! 5. `Docker-Distribution-Api-Version` set exactly once, `X-Request-Id`, and the
+//!    access log line when the response body has been sent.
+
+mod catalog;
+mod token_endpoint;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+
+use crate::auth::policy::{Action, Caller, Policy};
+use crate::auth::token::{self, TokenKey};
+use crate::auth::{
+    Authenticator, CredentialError, Credentials, Identity, PasswordCheck, parse_authorization,
+};
+use crate::backend::{Backend, RequestContext};
+use crate::body::{self, Body, Counted, OnEnd};
+use crate::error::{ErrorCode, OciError};
+use crate::route::{self, RepoName, Route, RouteError};
+
+/// Methods the registry API uses; everything else is refused before routing.
+const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE";
+
+/// How tokens are issued and checked.
+pub struct TokenSettings {
+    pub key: TokenKey,
+    /// Path of the token endpoint, e.g. `/token`.
+    pub path: String,
+    /// Configured service name; `None`: the host of the public URL or request.
+    pub service: Option<String>,
+    pub lifetime: Duration,
+}
+
+pub struct Gate {
+    backend: Arc<dyn Backend>,
+    auth: Option<Arc<Authenticator>>,
+    policy: Policy,
+    public_url: Option<String>,
+    tokens: TokenSettings,
+}
+
+/// What the gate knows of where the client thinks it is.
+struct Origin {
+    /// `Host` or the HTTP/2 authority.
+    host: String,
+    /// `https://host[:port]` (from `public_url`, else `host`).
+    public_base: String,
+    /// The token `service`.
+    service: String,
+}
+
+impl Gate {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        auth: Option<Arc<Authenticator>>,
+        policy: Policy,
+        public_url: Option<String>,
+        tokens: TokenSettings,
+    ) -> Self {
+        Gate {
+            backend,
+            auth,
+            policy,
+            public_url,
+            tokens,
+        }
+    }
+
+    /// Serve one request. Never fails: every outcome is a response.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let started = Instant::now();
+        let id = request_id();
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        let log = AccessLog {
+            id: id.clone(),
+            peer,
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            version: req.version(),
+            user: "-".into(),
+            status: 0,
+            bytes_in: bytes_in.clone(),
+            bytes_out: Arc::new(AtomicU64::new(0)),
+            started,
+        };
+        let (resp, user) = match self.admit(req, peer, &id).await {
+            Ok(Admitted::Backend(req, ctx)) => {
+                let user = ctx.identity.log_name().to_owned();
+                let filter = matches!(ctx.route, Route::Catalog) && self.policy.restricts_pull();
+                let caller_identity = ctx.identity.clone();
+                let req = req.map(|b| body::boxed(Counted::new(b, bytes_in.clone(), None)));
+                let resp = self.backend.handle(req, *ctx).await;
+                let resp = if filter {
+                    match catalog::read(resp).await {
+                        Ok(page) => catalog::filter(page, |repo| {
+                            self.may_pull_listed(&caller_identity, repo)
+                        }),
+                        Err(resp) => resp,
+                    }
+                } else {
+                    resp
+                };
+                (resp, user)
+            }
+            Ok(Admitted::Token(req, origin)) => {
+                token_endpoint::serve(self, req, peer, &origin).await
+            }
+            Err(rejection) => (rejection.response, rejection.user),
+        };
+        finish(resp, AccessLog { user, ..log })
+    }
+
+    /// Steps 1–3: decide whether the request may reach the backend.
+    async fn admit(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        id: &str,
+    ) -> Result<Admitted, Rejection> {
+        let anon = |e: OciError| Rejection::new(e.into_response(), "-");
+        // An absolute-form target (`GET http://other/ HTTP/1.1`) is a proxy request.
+        if req.version() < Version::HTTP_2 && req.uri().authority().is_some() {
+            return Err(anon(bad_request(
+                "absolute-form request targets are not accepted: this is not a forward proxy",
+            )));
+        }
+        let Some(action) = Action::for_method(req.method()) else {
+            let mut resp = OciError::new(
+                ErrorCode::Unsupported,
+                format!(
+                    "method {} is not allowed; allowed: {ALLOWED_METHODS}",
+                    printable(req.method().as_str())
+                ),
+            )
+            .into_response();
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+            return Err(Rejection::new(close_if_body(&req, resp), "-"));
+        };
+        let origin = self.origin(&req).map_err(anon)?;
+        if req.uri().path() == self.tokens.path {
+            return Ok(Admitted::Token(req, origin));
+        }
+        let route = route::normalize(req.uri().path())
+            .and_then(|p| route::parse(&p))
+            .map_err(|e| anon(route_error(e)))?;
+
+        let identity = self
+            .identify(&req, peer, &origin, route.repository(), action)
+            .await?;
+        let repo = route.repository();
+        if !self.allows(&identity, action, &route) {
+            let resp = match &identity {
+                Identity::Anonymous => {
+                    let message = if route == Route::Base {
+                        "authentication required"
+                    } else {
+                        "authentication required to do this"
+                    };
+                    self.challenge(&req, &origin, repo, action, None, message)
+                }
+                Identity::Token(_) => self.challenge(
+                    &req,
+                    &origin,
+                    repo,
+                    action,
+                    Some("insufficient_scope"),
+                    "requested access to the resource is denied",
+                ),
+                Identity::User(user) => close_if_body(
+                    &req,
+                    OciError::new(
+                        ErrorCode::Denied,
+                        format!(
+                            "requested access to the resource is denied: {user} may not {}{}",
+                            action.as_str(),
+                            repo.map(|r| format!(" {r}")).unwrap_or_default()
+                        ),
+                    )
+                    .into_response(),
+                ),
+            };
+            return Err(Rejection::new(resp, identity.log_name()));
+        }
+        let ctx = RequestContext {
+            id: id.to_owned(),
+            peer,
+            identity,
+            route,
+            public_base: origin.public_base,
+            host: origin.host,
+        };
+        Ok(Admitted::Backend(req, Box::new(ctx)))
+    }
+
+    /// Step 2: who is calling. Wrong credentials of any kind end the request here.
+    async fn identify(
+        &self,
+        req: &Request<Incoming>,
+        peer: SocketAddr,
+        origin: &Origin,
+        repo: Option<&RepoName>,
+        action: Action,
+    ) -> Result<Identity, Rejection> {
+        match parse_authorization(req.headers()) {
+            Ok(Credentials::None) => Ok(Identity::Anonymous),
+            Ok(Credentials::Basic { user, password }) => {
+                match self.check_password(peer, &user, &password).await {
+                    PasswordCheck::Valid => Ok(Identity::User(user)),
+                    PasswordCheck::Invalid => Err(Rejection::new(
+                        self.challenge(
+                            req,
+                            origin,
+                            repo,
+                            action,
+                            None,
+                            "invalid user name or password",
+                        ),
+                        "-",
+                    )),
+                    PasswordCheck::LockedOut(retry) => {
+                        Err(Rejection::new(close_if_body(req, locked_out(retry)), "-"))
+                    }
+                }
+            }
+            Ok(Credentials::Bearer(t)) => {
+                match self
+                    .tokens
+                    .key
+                    .verify(&t, &origin.service, token::now_secs())
+                {
+                    Ok(claims) => Ok(Identity::Token(claims)),
+                    Err(e) => {
+                        tracing::debug!(peer = %peer, "token refused: {e}");
+                        let resp = self.challenge(
+                            req,
+                            origin,
+                            repo,
+                            action,
+                            Some("invalid_token"),
+                            &e.to_string(),
+                        );
+                        Err(Rejection::new(resp, "-"))
+                    }
+                }
+            }
+            Err(e) => {
+                Authenticator::log_malformed(peer.ip(), &e.to_string());
+                let message = match e {
+                    CredentialError::UnsupportedScheme => {
+                        "unsupported authorization scheme; use Basic or Bearer"
+                    }
+                    CredentialError::Multiple => "more than one Authorization header",
+                    CredentialError::Malformed(_) => "malformed credentials",
+                };
+                Err(Rejection::new(
+                    self.challenge(req, origin, repo, action, None, message),
+                    "-",
+                ))
+            }
+        }
+    }
+
+    /// Check a password, or say no when there are no password files.
+    async fn check_password(&self, peer: SocketAddr, user: &str, password: &[u8]) -> PasswordCheck {
+        match &self.auth {
+            Some(auth) => auth.check_password(peer.ip(), user, password).await,
+            None => {
+                crate::auth::log_auth_failure(peer.ip(), user, "no password file configured");
+                PasswordCheck::Invalid
+            }
+        }
+    }
+
+    fn is_member(&self, user: &str, group: &str) -> bool {
+        self.auth.as_ref().is_some_and(|a| a.is_member(user, group))
+    }
+
+    /// Step 3: the policy, for every kind of identity.
+    fn allows(&self, identity: &Identity, action: Action, route: &Route) -> bool {
+        let repo = route.repository();
+        let anonymous_may = |a: Action| {
+            self.policy
+                .allows(Caller::Anonymous, a, repo, |u, g| self.is_member(u, g))
+        };
+        match identity {
+            // The version check is what makes clients authenticate: never anonymous.
+            Identity::Anonymous => *route != Route::Base && anonymous_may(action),
+            Identity::User(user) => {
+                *route == Route::Base
+                    || self
+                        .policy
+                        .allows(Caller::User(user), action, repo, |u, g| {
+                            self.is_member(u, g)
+                        })
+            }
+            Identity::Token(claims) => {
+                let granted = match (route, repo) {
+                    (Route::Base, _) => true,
+                    (Route::Catalog, _) => claims.grants_catalog(),
+                    (_, Some(r)) => claims.grants(action, r),
+                    (_, None) => false,
+                };
+                granted || (*route != Route::Base && anonymous_may(action))
+            }
+        }
+    }
+
+    /// Whether a repository may appear in the catalog for this caller.
+    fn may_pull_listed(&self, identity: &Identity, repo: &RepoName) -> bool {
+        let caller = match identity {
+            Identity::Anonymous => Caller::Anonymous,
+            Identity::User(u) => Caller::User(u),
+            Identity::Token(c) if c.sub.is_empty() => Caller::Anonymous,
+            Identity::Token(c) => Caller::User(&c.sub),
+        };
+        self.policy
+            .allows(caller, Action::Pull, Some(repo), |u, g| {
+                self.is_member(u, g)
+            })
+    }
+
+    fn origin<B>(&self, req: &Request<B>) -> Result<Origin, OciError> {
+        let host = request_host(req)?;
+        let public_base = match &self.public_url {
+            Some(url) => url.clone(),
+            None => format!("https://{host}"),
+        };
+        let service = match &self.tokens.service {
+            Some(s) => s.clone(),
+            None => public_base
+                .strip_prefix("https://")
+                .unwrap_or(&public_base)
+                .to_owned(),
+        };
+        Ok(Origin {
+            host,
+            public_base,
+            service,
+        })
+    }
+
+    /// 401 with a Bearer challenge naming the realm (our token endpoint), the service
+    /// and, on repository requests, the scope the request needs.
+    fn challenge<B>(
+        &self,
+        req: &Request<B>,
+        origin: &Origin,
+        repo: Option<&RepoName>,
+        action: Action,
+        error: Option<&str>,
+        message: &str,
+    ) -> Response<Body> {
+        let code = if error == Some("insufficient_scope") {
+            ErrorCode::Denied
+        } else {
+            ErrorCode::Unauthorized
+        };
+        let mut resp = OciError::new(code, message)
+            .with_status(StatusCode::UNAUTHORIZED)
+            .into_response();
+        let mut value = format!(
+            "Bearer realm=\"{}{}\",service=\"{}\"",
+            origin.public_base, self.tokens.path, origin.service
+        );
+        if let Some(repo) = repo {
+            let actions = match action {
+                Action::Pull => "pull",
+                // A push reads too (blob existence checks), as distribution asks.
+                Action::Push => "pull,push",
+                Action::Delete => "delete",
+            };
+            value.push_str(&format!(",scope=\"repository:{repo}:{actions}\""));
+        }
+        if let Some(error) = error {
+            value.push_str(&format!(",error=\"{error}\""));
+        }
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        close_if_body(req, resp)
+    }
+}
+
+enum Admitted {
+    Backend(Request<Incoming>, Box<RequestContext>),
+    Token(Request<Incoming>, Origin),
+}
+
+struct Rejection {
+    response: Response<Body>,
+    user: String,
+}
+
+impl Rejection {
+    fn new(response: Response<Body>, user: &str) -> Self {
+        Rejection {
+            response,
+            user: user.to_owned(),
+        }
+    }
+}
+
+/// 429 for a locked-out address or user, with `Retry-After`.
+fn locked_out(retry: Duration) -> Response<Body> {
+    let secs = retry.as_secs().max(1);
+    let mut resp = OciError::new(
+        ErrorCode::TooManyRequests,
+        format!("too many failed logins; try again in {secs} s"),
+    )
+    .into_response();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    resp
+}
+
+fn route_error(e: RouteError) -> OciError {
+    let message = e.to_string();
+    match e {
+        RouteError::NotRegistry | RouteError::UnknownEndpoint => {
+            OciError::new(ErrorCode::NotFound, message)
+        }
+        RouteError::BadPath(_) | RouteError::NameInvalid(_) => {
+            OciError::new(ErrorCode::NameInvalid, message)
+        }
+        RouteError::ReferenceInvalid(_) => OciError::new(ErrorCode::TagInvalid, message),
+        RouteError::DigestInvalid(_) => OciError::new(ErrorCode::DigestInvalid, message),
+    }
+}
+
+/// The host the client asked for: `Host` for HTTP/1.1, the authority for HTTP/2.
+/// It ends up in URLs the gate builds, so only host-name characters are accepted.
+fn request_host<B>(req: &Request<B>) -> Result<String, OciError> {
+    let host = match req.uri().authority() {
+        Some(a) => a.as_str().to_owned(),
+        None => {
+            let mut hosts = req.headers().get_all(header::HOST).iter();
+            let first = hosts.next();
+            if hosts.next().is_some() {
+                return Err(bad_request("more than one Host header"));
+            }
+            match first.and_then(|v| v.to_str().ok()) {
+                Some(h) => h.to_owned(),
+                None => return Err(bad_request("missing Host header")),
+            }
+        }
+    };
+    let ok = !host.is_empty()
+        && host.len() <= 255
+        && host.bytes().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b':' | b'[' | b']' | b'_')
+        });
+    if !ok {
+        return Err(bad_request("malformed Host header"));
+    }
+    Ok(host)
+}
+
+fn bad_request(message: &str) -> OciError {
+    OciError::new(ErrorCode::Unsupported, message).with_status(StatusCode::BAD_REQUEST)
+}
+
+/// A refused request whose body was never read: ask HTTP/1 clients to close, so the
+/// unread body is not taken for the next request.
+fn close_if_body<B>(req: &Request<B>, mut resp: Response<Body>) -> Response<Body> {
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if has_body && req.version() < Version::HTTP_2 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// A value safe to put in a log line: control characters escaped, length bounded.
+fn printable(s: &str) -> String {
+    let mut out: String = s.chars().take(128).flat_map(char::escape_default).collect();
+    if s.chars().count() > 128 {
+        out.push('…');
+    }
+    out
+}
+
+fn request_id() -> String {
+    let bytes: [u8; 8] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Everything the access line reports; written when the response body ends.
+struct AccessLog {
+    id: String,
+    peer: SocketAddr,
+    method: Method,
+    path: String,
+    version: Version,
+    user: String,
+    status: u16,
+    bytes_in: Arc<AtomicU64>,
+    bytes_out: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl OnEnd for AccessLog {
+    fn ended(&mut self, complete: bool) {
+        tracing::info!(
+            target: "registry_gate::access",
+            id = %self.id,
+            peer = %self.peer,
+            method = %printable(self.method.as_str()),
+            path = %printable(&self.path),
+            version = ?self.version,
+            status = self.status,
+            user = %printable(&self.user),
+            bytes_in = self.bytes_in.load(Ordering::Relaxed),
+            bytes_out = self.bytes_out.load(Ordering::Relaxed),
+            ms = self.started.elapsed().as_millis() as u64,
+            complete,
+        );
+    }
+}
+
+/// Step 5: headers every response carries, and the access log on the body's end.
+fn finish(resp: Response<Body>, mut log: AccessLog) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    parts.headers.insert(
+        crate::API_VERSION_HEADER,
+        HeaderValue::from_static(crate::API_VERSION),
+    );
+    if let Ok(v) = HeaderValue::from_str(&log.id) {
+        parts.headers.insert("x-request-id", v);
+    }
+    log.status = parts.status.as_u16();
+    let counter = log.bytes_out.clone();
+    let body = body::boxed(Counted::new(body, counter, Some(Box::new(log))));
+    Response::from_parts(parts, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_validation() {
+        let req = |h: &str| {
+            Request::builder()
+                .uri("/v2/")
+                .header("host", h)
+                .body(())
+                .expect("req")
+        };
+        assert_eq!(
+            request_host(&req("reg.example:5043")).expect("ok"),
+            "reg.example:5043"
+        );
+        assert_eq!(request_host(&req("[::1]:5043")).expect("ok"), "[::1]:5043");
+        assert!(request_host(&req("evil.com/x")).is_err());
+        assert!(request_host(&req("a b")).is_err());
+        let none = Request::builder().uri("/v2/").body(()).expect("req");
+        assert!(request_host(&none).is_err());
+    }
+
+    #[test]
+    fn printable_escapes() {
+        assert_eq!(printable("a\nb"), "a\\nb");
+        assert!(printable(&"x".repeat(500)).ends_with('…'));
+    }
+}
