@@ -85,7 +85,7 @@ pub struct AuthConfig {
     /// Members of this group may push and delete.
     #[serde(default = "default_push_group")]
     pub push_group: String,
-    /// Realm named in Basic challenges.
+    /// Realm of the Basic challenge the token endpoint answers wrong credentials with.
     #[serde(default = "default_realm")]
     pub realm: String,
     /// How long a successful password check is remembered.

@@ -131,6 +131,10 @@ pub async fn serve(
         path: config.token.path.clone(),
         service: config.token.service.clone(),
         lifetime: Duration::from_secs(config.token.expires_secs),
+        basic_realm: config
+            .auth
+            .as_ref()
+            .map_or_else(|| "registry-gate".to_owned(), |a| a.realm.clone()),
     };
     let public_url = config
         .public_url

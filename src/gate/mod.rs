@@ -48,6 +48,8 @@ pub struct TokenSettings {
     /// Configured service name; `None`: the host of the public URL or request.
     pub service: Option<String>,
     pub lifetime: Duration,
+    /// Realm of the Basic challenge the token endpoint sends with a 401.
+    pub basic_realm: String,
 }
 
 pub struct Gate {

@@ -165,7 +165,7 @@ async fn issue(gate: &Gate, mut params: Params, peer: SocketAddr, origin: &Origi
             }
             Some(Err(e)) => {
                 crate::auth::Authenticator::log_malformed(peer.ip(), &e.to_string());
-                return Err(unauthorized(origin, gate, "malformed credentials"));
+                return Err(unauthorized(gate, "malformed credentials"));
             }
         },
     };
@@ -173,7 +173,7 @@ async fn issue(gate: &Gate, mut params: Params, peer: SocketAddr, origin: &Origi
         Some((user, password)) => match gate.check_password(peer, &user, &password).await {
             PasswordCheck::Valid => Some(user),
             PasswordCheck::Invalid => {
-                return Err(unauthorized(origin, gate, "invalid user name or password"));
+                return Err(unauthorized(gate, "invalid user name or password"));
             }
             PasswordCheck::LockedOut(retry) => return Err((locked_out(retry), "-".into())),
         },
@@ -219,9 +219,9 @@ async fn issue(gate: &Gate, mut params: Params, peer: SocketAddr, origin: &Origi
 }
 
 /// 401 from the token endpoint: a Basic challenge, since Basic is what it takes.
-fn unauthorized(origin: &Origin, _gate: &Gate, message: &str) -> (Response<Body>, String) {
+fn unauthorized(gate: &Gate, message: &str) -> (Response<Body>, String) {
     let mut resp = OciError::new(ErrorCode::Unauthorized, message).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{}\"", origin.service)) {
+    if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{}\"", gate.tokens.basic_realm)) {
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
     }
     (resp, "-".into())
