@@ -69,7 +69,12 @@ impl http_body::Body for UnsizedBody {
         self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        Poll::Ready(self.get_mut().chunks.pop_front().map(|c| Ok(Frame::data(c))))
+        Poll::Ready(
+            self.get_mut()
+                .chunks
+                .pop_front()
+                .map(|c| Ok(Frame::data(c))),
+        )
     }
     // size_hint stays "unknown" on purpose: no Content-Length.
 }
@@ -215,20 +220,27 @@ impl Client {
         }
     }
 
+    /// The same client sending this `Authorization` value (e.g. `Bearer TOKEN`).
+    pub fn with_authorization(&self, value: &str) -> Client {
+        Client {
+            authorization: Some(value.to_owned()),
+            ..self.clone()
+        }
+    }
+
     /// `https://localhost:PORT`
     pub fn base_url(&self) -> String {
         format!("https://localhost:{}", self.addr.port())
     }
 
     fn tls_config(&self, alpn: &[&[u8]]) -> rustls::ClientConfig {
-        let mut config =
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_root_certificates(self.roots.clone())
-            .with_no_client_auth();
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(self.roots.clone())
+        .with_no_client_auth();
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         config.resumption = rustls::client::Resumption::disabled();
         config
@@ -253,7 +265,9 @@ impl Client {
     }
 
     async fn connect(&self, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
-        self.try_connect(alpn).await.unwrap_or_else(|e| panic!("{e}"))
+        self.try_connect(alpn)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The leaf certificate (DER) the gate presents to a new connection.
@@ -344,10 +358,12 @@ impl Client {
                 Protocol::Http2 => {
                     let stream = self.try_connect(&[b"h2"]).await?;
                     let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-                    let (mut sender, connection) =
-                        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                            .await
-                            .map_err(|e| format!("{what}: HTTP/2 handshake: {e}"))?;
+                    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+                        TokioExecutor::new(),
+                        TokioIo::new(stream),
+                    )
+                    .await
+                    .map_err(|e| format!("{what}: HTTP/2 handshake: {e}"))?;
                     tokio::spawn(connection);
                     let mut response = sender
                         .send_request(request)
@@ -360,7 +376,11 @@ impl Client {
         };
         tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
-            .unwrap_or_else(|_| Err(format!("{method} {path}: no response within {REQUEST_TIMEOUT:?}")))
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "{method} {path}: no response within {REQUEST_TIMEOUT:?}"
+                ))
+            })
     }
 
     pub async fn send(

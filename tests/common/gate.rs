@@ -24,6 +24,8 @@ pub struct GateOptions {
     pub extra_top_level: String,
     /// Lines added inside `[upstream]`.
     pub extra_upstream: String,
+    /// Lines added inside `[auth]`.
+    pub extra_auth: String,
     /// Whole tables appended at the end.
     pub extra_tables: String,
 }
@@ -38,6 +40,7 @@ impl GateOptions {
             watch_interval_ms: WATCH_INTERVAL_MS,
             extra_top_level: String::new(),
             extra_upstream: String::new(),
+            extra_auth: String::new(),
             extra_tables: String::new(),
         }
     }
@@ -123,7 +126,7 @@ impl Gate {
              {extra_top}\n\
              [log]\nformat = \"text\"\nlevel = \"info\"\n\n\
              [tls]\ncertificate = {cert:?}\nprivate_key = {key:?}\nhandshake_timeout_secs = 10\n\n\
-             [auth]\nhtpasswd = {htpasswd:?}\ngroups = {groups:?}\npush_group = \"pusher\"\n\n\
+             [auth]\nhtpasswd = {htpasswd:?}\ngroups = {groups:?}\npush_group = \"pusher\"\n{extra_auth}\n\
              [upstream]\nurl = {upstream:?}\n{extra_upstream}\n\
              [server]\nshutdown_grace_secs = 5\n\n\
              {extra_tables}",
@@ -135,6 +138,7 @@ impl Gate {
             groups = files.groups,
             upstream = options.upstream_url,
             extra_upstream = options.extra_upstream,
+            extra_auth = options.extra_auth,
             extra_tables = options.extra_tables,
         );
         std::fs::write(&files.config, toml).expect("write config");
