@@ -160,6 +160,9 @@ pub struct StorageConfig {
     /// Whether DELETE of manifests, tags and blobs is allowed.
     #[serde(default)]
     pub delete: bool,
+    /// Uploads started longer ago than this are removed as abandoned.
+    #[serde(default = "default_purge_uploads")]
+    pub purge_uploads_after_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -214,6 +217,9 @@ fn default_realm() -> String {
 }
 fn default_cache_secs() -> u64 {
     300
+}
+fn default_purge_uploads() -> u64 {
+    24 * 3600
 }
 fn default_max_failures() -> u32 {
     10
@@ -473,6 +479,14 @@ impl Config {
                 ));
             }
         }
+        if self.upstream.is_none() && self.storage.is_none() {
+            return Err(invalid(
+                "storage",
+                "configure [upstream] url (front an existing registry) or [storage] root \
+                 (the built-in registry)"
+                    .into(),
+            ));
+        }
         if let Some(storage) = &self.storage
             && storage.root.exists()
             && !storage.root.is_dir()
@@ -537,6 +551,8 @@ mod tests {
 [tls]
 certificate = "cert.pem"
 private_key = "key.pem"
+[storage]
+root = "data"
 "#;
 
     fn load(dir: &Path, extra: &str) -> Result<Config, ConfigError> {
@@ -552,6 +568,15 @@ private_key = "key.pem"
         assert_eq!(c.tls.certificate, dir.path().join("cert.pem"));
         assert!(c.upstream.is_none());
         assert_eq!(c.server.shutdown_grace_secs, 30);
+    }
+
+    #[test]
+    fn a_backend_is_required() {
+        let dir = files();
+        let text = "[tls]\ncertificate = \"cert.pem\"\nprivate_key = \"key.pem\"\n";
+        let err = Config::from_str_at(text, &dir.path().join("c.toml"), dir.path())
+            .expect_err("no backend");
+        assert!(err.to_string().contains("[upstream]"), "{err}");
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub mod gate;
 pub mod io;
 pub mod logging;
 pub mod proxy;
+pub mod registry;
 pub mod route;
 pub mod server;
 pub mod tls;

@@ -28,6 +28,7 @@ use crate::config::Config;
 use crate::gate::{Gate, TokenSettings};
 use crate::io::IdleTimeout;
 use crate::proxy::Proxy;
+use crate::registry::Registry;
 use crate::tls::{self, CertStore};
 
 /// Why the server could not start.
@@ -70,13 +71,21 @@ pub async fn serve(
         Some(a) => Some(Arc::new(Authenticator::load(a)?)),
         None => None,
     };
-    let backend: Arc<dyn Backend> = match &config.upstream {
-        Some(up) => Arc::new(Proxy::new(up).map_err(ServeError::Upstream)?),
-        None => {
+    let mut background = Vec::new();
+    let backend: Arc<dyn Backend> = match (&config.upstream, &config.storage) {
+        (Some(up), _) => Arc::new(Proxy::new(up).map_err(ServeError::Upstream)?),
+        (None, Some(storage)) => {
+            let registry = Arc::new(
+                Registry::open(storage).map_err(|e| ServeError::Backend(format!("storage: {e}")))?,
+            );
+            background.push(
+                registry.spawn_upload_purger(Duration::from_secs(storage.purge_uploads_after_secs)),
+            );
+            registry
+        }
+        (None, None) => {
             return Err(ServeError::Backend(
-                "no [upstream] configured, and the built-in registry (all-in-one) is not \
-                 part of this version yet: add [upstream] url = \"http://host:5000\""
-                    .into(),
+                "configure [upstream] url or [storage] root".into(),
             ));
         }
     };
@@ -221,7 +230,7 @@ pub async fn serve(
         tracing::warn!("shutdown deadline passed; closing remaining connections");
     }
     hup_task.abort();
-    for r in reloaders {
+    for r in reloaders.into_iter().chain(background) {
         r.abort();
     }
     Ok(())

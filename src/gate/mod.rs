@@ -203,6 +203,7 @@ impl Gate {
             };
             return Err(Rejection::new(resp, identity.log_name()));
         }
+        let req = self.check_mount(req, &identity, &route);
         let ctx = RequestContext {
             id: id.to_owned(),
             peer,
@@ -325,6 +326,42 @@ impl Gate {
                 granted || (*route != Route::Base && anonymous_may(action))
             }
         }
+    }
+
+    /// A cross-repository mount (`POST …/uploads/?mount=D&from=R`) reads from `R`: when
+    /// the caller may not pull `R`, the mount parameters are dropped and the request
+    /// becomes a plain upload, as the spec allows.
+    fn check_mount(&self, req: Request<Incoming>, identity: &Identity, route: &Route) -> Request<Incoming> {
+        if !matches!(route, Route::UploadStart(_)) {
+            return req;
+        }
+        let Some(query) = req.uri().query() else {
+            return req;
+        };
+        let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+        let Some(from) = pairs.iter().find(|(k, _)| k == "from").map(|(_, v)| v.clone()) else {
+            return req;
+        };
+        let allowed = RepoName::parse(&from)
+            .is_ok_and(|r| self.allows(identity, Action::Pull, &Route::Tags(r)));
+        if allowed {
+            return req;
+        }
+        let kept: String = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs.iter().filter(|(k, _)| k != "mount" && k != "from"))
+            .finish();
+        let (mut parts, body) = req.into_parts();
+        let path = parts.uri.path().to_owned();
+        let pq = if kept.is_empty() { path } else { format!("{path}?{kept}") };
+        let mut uri = http::uri::Parts::from(parts.uri.clone());
+        match pq.parse() {
+            Ok(pq) => uri.path_and_query = Some(pq),
+            Err(_) => return Request::from_parts(parts, body),
+        }
+        if let Ok(u) = http::Uri::from_parts(uri) {
+            parts.uri = u;
+        }
+        Request::from_parts(parts, body)
     }
 
     /// Whether a repository may appear in the catalog for this caller.

@@ -1,0 +1,340 @@
+//! Manifests (spec: "Pulling manifests", "Pushing manifests", "Deleting manifests"):
+//!
+//! ```text
+//! GET|HEAD /v2/<name>/manifests/<reference>   → 200 Content-Type from the manifest,
+//!                                               Docker-Content-Digest, Content-Length
+//! PUT      /v2/<name>/manifests/<reference>   → 201 Location, Docker-Content-Digest
+//!                                               (+ OCI-Subject when it has a subject)
+//! DELETE   /v2/<name>/manifests/<digest|tag>  → 202
+//! ```
+//!
+//! A PUT is read whole (at most 4 MiB, like distribution), parsed, and checked: its
+//! media type, its descriptors, and that every blob it names (config, layers) and, for
+//! an index, every child manifest is already in the repository.
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use serde_json::Value;
+
+use super::{Failure, Handled, Registry, empty_response, header_value};
+use super::digest;
+use crate::backend::RequestContext;
+use crate::body::{self, Body};
+use crate::error::{ErrorCode, OciError};
+use crate::route::{Digest, Reference, RepoName};
+
+/// Largest manifest accepted.
+pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+/// Largest manifest served from disk (an existing store may hold larger ones).
+const MAX_STORED_MANIFEST: u64 = 16 * 1024 * 1024;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+
+fn invalid(message: impl Into<String>) -> Failure {
+    OciError::new(ErrorCode::ManifestInvalid, message).into()
+}
+
+fn unknown(repo: &RepoName, r: &Reference) -> Failure {
+    OciError::new(ErrorCode::ManifestUnknown, format!("manifest {r} is not in {repo}"))
+        .with_detail(serde_json::json!({ "name": repo.as_str(), "reference": r.to_string() }))
+        .into()
+}
+
+/// The media type a stored manifest is served with: its `mediaType`, or what its shape
+/// says when it has none (OCI allows leaving it out).
+pub fn media_type_of(json: &Value) -> &str {
+    if let Some(mt) = json.get("mediaType").and_then(Value::as_str) {
+        return mt;
+    }
+    if json.get("schemaVersion").and_then(Value::as_u64) == Some(1) {
+        return DOCKER_SCHEMA1_SIGNED;
+    }
+    if json.get("manifests").is_some() {
+        OCI_INDEX
+    } else {
+        OCI_MANIFEST
+    }
+}
+
+/// Resolve a reference to a digest in `repo`.
+async fn resolve(reg: &Registry, repo: &RepoName, r: &Reference) -> Result<Option<Digest>, Failure> {
+    let (repo, r) = (repo.clone(), r.clone());
+    Ok(reg
+        .storage
+        .blocking(move |s| match &r {
+            Reference::Tag(t) => match s.resolve_tag(&repo, t)? {
+                Some(d) if s.revision_exists(&repo, &d)? => Ok(Some(d)),
+                _ => Ok(None),
+            },
+            Reference::Digest(d) => Ok(s.revision_exists(&repo, d)?.then(|| d.clone())),
+        })
+        .await?)
+}
+
+pub async fn get(reg: &Registry, repo: &RepoName, r: &Reference, head: bool) -> Handled {
+    let Some(d) = resolve(reg, repo, r).await? else {
+        return Err(unknown(repo, r));
+    };
+    let d2 = d.clone();
+    let Some(bytes) = reg.storage.blocking(move |s| s.read_blob(&d2, MAX_STORED_MANIFEST)).await? else {
+        return Err(unknown(repo, r));
+    };
+    let media_type = serde_json::from_slice::<Value>(&bytes)
+        .map(|v| media_type_of(&v).to_owned())
+        .unwrap_or_else(|_| OCI_MANIFEST.to_owned());
+    let len = bytes.len();
+    let mut resp = if head {
+        empty_response(StatusCode::OK)
+    } else {
+        Response::new(body::full(bytes))
+    };
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, header_value(&media_type)?);
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert("docker-content-digest", header_value(d.as_str())?);
+    h.insert(header::ETAG, header_value(&format!("\"{d}\""))?);
+    Ok(resp)
+}
+
+/// A descriptor's digest, checked.
+fn descriptor_digest(desc: &Value, what: &str) -> Result<Digest, Failure> {
+    let d = desc
+        .get("digest")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid(format!("{what}: descriptor without a digest")))?;
+    let d = Digest::parse(d).map_err(|e| invalid(format!("{what}: {e}")))?;
+    if !matches!(d.algorithm(), "sha256" | "sha512") {
+        return Err(invalid(format!("{what}: unsupported digest algorithm {}", d.algorithm())));
+    }
+    if !desc.get("size").is_some_and(|s| s.as_u64().is_some()) {
+        return Err(invalid(format!("{what}: descriptor without a valid size")));
+    }
+    if !desc.get("mediaType").is_none_or(Value::is_string) {
+        return Err(invalid(format!("{what}: mediaType must be a string")));
+    }
+    Ok(d)
+}
+
+/// What a manifest needs to be present in its repository before it may be stored.
+struct References {
+    blobs: Vec<Digest>,
+    manifests: Vec<Digest>,
+    subject: Option<Digest>,
+}
+
+/// Check a manifest's JSON against its media type; return what it references.
+fn validate(json: &Value, content_type: &str) -> Result<References, Failure> {
+    if !json.is_object() {
+        return Err(invalid("a manifest is a JSON object"));
+    }
+    if json.get("schemaVersion").and_then(Value::as_u64) != Some(2) {
+        return Err(invalid("schemaVersion must be 2"));
+    }
+    if let Some(mt) = json.get("mediaType") {
+        if mt.as_str() != Some(content_type) {
+            return Err(invalid(format!(
+                "mediaType {mt} does not match Content-Type {content_type}"
+            )));
+        }
+    }
+    let mut refs = References {
+        blobs: Vec::new(),
+        manifests: Vec::new(),
+        subject: None,
+    };
+    match content_type {
+        OCI_MANIFEST | DOCKER_MANIFEST => {
+            let config = json
+                .get("config")
+                .ok_or_else(|| invalid("an image manifest needs a config descriptor"))?;
+            refs.blobs.push(descriptor_digest(config, "config")?);
+            let layers = json
+                .get("layers")
+                .and_then(Value::as_array)
+                .ok_or_else(|| invalid("an image manifest needs a layers array"))?;
+            for (i, layer) in layers.iter().enumerate() {
+                let d = descriptor_digest(layer, &format!("layers[{i}]"))?;
+                // Foreign (non-distributable) layers live elsewhere, at their `urls`.
+                let foreign = layer
+                    .get("urls")
+                    .and_then(Value::as_array)
+                    .is_some_and(|u| !u.is_empty());
+                if !foreign {
+                    refs.blobs.push(d);
+                }
+            }
+        }
+        OCI_INDEX | DOCKER_LIST => {
+            let manifests = json
+                .get("manifests")
+                .and_then(Value::as_array)
+                .ok_or_else(|| invalid("an index needs a manifests array"))?;
+            for (i, m) in manifests.iter().enumerate() {
+                refs.manifests.push(descriptor_digest(m, &format!("manifests[{i}]"))?);
+            }
+        }
+        other => {
+            return Err(invalid(format!(
+                "unsupported manifest media type {other:?}; use {OCI_MANIFEST}, {OCI_INDEX}, \
+                 {DOCKER_MANIFEST} or {DOCKER_LIST}"
+            )));
+        }
+    }
+    if let Some(subject) = json.get("subject") {
+        refs.subject = Some(descriptor_digest(subject, "subject")?);
+    }
+    if let Some(at) = json.get("artifactType")
+        && !at.is_string()
+    {
+        return Err(invalid("artifactType must be a string"));
+    }
+    Ok(refs)
+}
+
+pub async fn put(reg: &Registry, repo: &RepoName, r: &Reference, req: Request<Body>, ctx: &RequestContext) -> Handled {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned())
+        .ok_or_else(|| invalid("a manifest PUT needs a Content-Type"))?;
+    let bytes = match body::collect_limited(req.into_body(), MAX_MANIFEST_BYTES).await {
+        Ok(b) => b,
+        Err(e) => {
+            let too_big = e.to_string().contains("longer than");
+            let err = OciError::new(
+                ErrorCode::ManifestInvalid,
+                if too_big {
+                    format!("manifests are limited to {MAX_MANIFEST_BYTES} bytes")
+                } else {
+                    format!("cannot read the manifest: {e}")
+                },
+            );
+            return Err(if too_big {
+                err.with_status(StatusCode::PAYLOAD_TOO_LARGE).into()
+            } else {
+                err.into()
+            });
+        }
+    };
+    let json: Value = serde_json::from_slice(&bytes).map_err(|e| invalid(format!("not JSON: {e}")))?;
+    let refs = validate(&json, &content_type)?;
+    let algorithm = match r {
+        Reference::Digest(d) => d.algorithm().to_owned(),
+        Reference::Tag(_) => "sha256".to_owned(),
+    };
+    let computed = digest::of_bytes(&algorithm, &bytes).ok_or_else(|| {
+        Failure::from(OciError::new(
+            ErrorCode::DigestInvalid,
+            format!("unsupported digest algorithm {algorithm}"),
+        ))
+    })?;
+    if let Reference::Digest(d) = r
+        && d.as_str() != computed
+    {
+        return Err(OciError::new(
+            ErrorCode::DigestInvalid,
+            format!("the manifest is {computed}, not {d}"),
+        )
+        .into());
+    }
+    let d = Digest::parse(&computed).map_err(|e| Failure::from(OciError::new(ErrorCode::DigestInvalid, e.to_string())))?;
+    let tag = match r {
+        Reference::Tag(t) => Some(t.clone()),
+        Reference::Digest(_) => None,
+    };
+    let (repo2, d2) = (repo.clone(), d.clone());
+    let missing = reg
+        .storage
+        .blocking(move |s| {
+            for b in &refs.blobs {
+                if !s.layer_linked(&repo2, b)? {
+                    return Ok(Some(b.clone()));
+                }
+            }
+            for m in &refs.manifests {
+                if !s.revision_exists(&repo2, m)? {
+                    return Ok(Some(m.clone()));
+                }
+            }
+            s.put_manifest(&repo2, &d2, &bytes, tag.as_deref())?;
+            Ok(None)
+        })
+        .await?;
+    if let Some(m) = missing {
+        return Err(OciError::new(
+            ErrorCode::ManifestBlobUnknown,
+            format!("{m} is referenced by the manifest but not in {repo}"),
+        )
+        .with_detail(serde_json::json!({ "digest": m.as_str() }))
+        .into());
+    }
+    let mut resp = empty_response(StatusCode::CREATED);
+    let h = resp.headers_mut();
+    h.insert(header::LOCATION, header_value(&format!("{}/v2/{repo}/manifests/{d}", ctx.public_base))?);
+    h.insert("docker-content-digest", header_value(d.as_str())?);
+    if let Some(subject) = &refs.subject {
+        h.insert("oci-subject", header_value(subject.as_str())?);
+    }
+    Ok(resp)
+}
+
+pub async fn delete(reg: &Registry, repo: &RepoName, r: &Reference) -> Handled {
+    reg.deletes_enabled()?;
+    let (repo2, r2) = (repo.clone(), r.clone());
+    let deleted = reg
+        .storage
+        .blocking(move |s| match &r2 {
+            Reference::Digest(d) => s.delete_manifest(&repo2, d),
+            Reference::Tag(t) => s.delete_tag(&repo2, t),
+        })
+        .await?;
+    if !deleted {
+        return Err(unknown(repo, r));
+    }
+    Ok(empty_response(StatusCode::ACCEPTED))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn desc(mt: &str) -> Value {
+        serde_json::json!({"mediaType": mt, "digest": D, "size": 3})
+    }
+
+    #[test]
+    fn validation() {
+        let image = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": desc("application/vnd.oci.image.config.v1+json"),
+            "layers": [desc("application/vnd.oci.image.layer.v1.tar"),
+                       {"mediaType": "x", "digest": D, "size": 1, "urls": ["https://x"]}],
+            "subject": desc(OCI_MANIFEST),
+        });
+        let refs = validate(&image, OCI_MANIFEST).expect("valid");
+        assert_eq!(refs.blobs.len(), 2, "config + one distributable layer");
+        assert!(refs.subject.is_some());
+        assert!(validate(&image, DOCKER_MANIFEST).is_err(), "mediaType mismatch");
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [desc(OCI_MANIFEST)]});
+        assert_eq!(validate(&index, OCI_INDEX).expect("valid").manifests.len(), 1);
+        for bad in [
+            serde_json::json!({"schemaVersion": 1}),
+            serde_json::json!({"schemaVersion": 2, "layers": []}),
+            serde_json::json!({"schemaVersion": 2, "config": {"digest": "nope", "size": 1}, "layers": []}),
+            serde_json::json!({"schemaVersion": 2, "config": {"digest": D}, "layers": []}),
+            serde_json::json!([]),
+        ] {
+            assert!(validate(&bad, OCI_MANIFEST).is_err(), "{bad}");
+        }
+        assert!(validate(&index, "application/json").is_err());
+        assert_eq!(media_type_of(&index), OCI_INDEX);
+    }
+}
