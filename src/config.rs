@@ -163,6 +163,13 @@ pub struct StorageConfig {
     /// Uploads started longer ago than this are removed as abandoned.
     #[serde(default = "default_purge_uploads")]
     pub purge_uploads_after_secs: u64,
+    /// Run garbage collection inside the server this often (0: never; use
+    /// `registry-gate gc` from cron instead, or as well).
+    #[serde(default)]
+    pub gc_interval_secs: u64,
+    /// Whether the scheduled collection also removes untagged manifests.
+    #[serde(default)]
+    pub gc_delete_untagged: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -31,6 +31,19 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Remove blob content no manifest references (built-in registry only). Safe while
+    /// the server runs and takes pushes.
+    Gc {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Print what would be removed and how many bytes it frees; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also remove manifests no tag reaches (except those an index or a subject
+        /// keeps), and then their blobs.
+        #[arg(long)]
+        delete_untagged: bool,
+    },
     /// Manage users in the htpasswd and group files (no apache2-utils needed).
     User {
         #[command(subcommand)]
@@ -118,6 +131,44 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             print!("{}", loaded.to_toml_masked());
             eprintln!("{}: OK", config.display());
+            Ok(())
+        }
+        Command::Gc {
+            config,
+            dry_run,
+            delete_untagged,
+        } => {
+            let loaded = Config::load(&config).map_err(|e| e.to_string())?;
+            logging::init(&loaded.log);
+            let storage = loaded.storage.ok_or_else(|| {
+                format!(
+                    "{} has no [storage]: gc is for the built-in registry",
+                    config.display()
+                )
+            })?;
+            let store = registry_gate::registry::storage::FsStorage::open(&storage.root)
+                .map_err(|e| e.to_string())?;
+            let options = registry_gate::registry::gc::GcOptions {
+                dry_run,
+                delete_untagged,
+            };
+            let report =
+                registry_gate::registry::gc::collect(&store, options).map_err(|e| e.to_string())?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            for m in &report.manifests_removed {
+                println!("{verb} manifest {m}");
+            }
+            for (d, size) in &report.blobs_removed {
+                println!("{verb} blob {d} ({size} bytes)");
+            }
+            println!(
+                "{} repositories, {} manifests kept; {verb} {} manifests and {} blobs, {} bytes",
+                report.repositories,
+                report.manifests_kept,
+                report.manifests_removed.len(),
+                report.blobs_removed.len(),
+                report.bytes_freed
+            );
             Ok(())
         }
         Command::User { action } => {

@@ -76,11 +76,18 @@ pub async fn serve(
         (Some(up), _) => Arc::new(Proxy::new(up).map_err(ServeError::Upstream)?),
         (None, Some(storage)) => {
             let registry = Arc::new(
-                Registry::open(storage).map_err(|e| ServeError::Backend(format!("storage: {e}")))?,
+                Registry::open(storage)
+                    .map_err(|e| ServeError::Backend(format!("storage: {e}")))?,
             );
             background.push(
                 registry.spawn_upload_purger(Duration::from_secs(storage.purge_uploads_after_secs)),
             );
+            if storage.gc_interval_secs > 0 {
+                background.push(registry.spawn_gc(
+                    Duration::from_secs(storage.gc_interval_secs),
+                    storage.gc_delete_untagged,
+                ));
+            }
             registry
         }
         (None, None) => {

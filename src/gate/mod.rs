@@ -331,15 +331,26 @@ impl Gate {
     /// A cross-repository mount (`POST …/uploads/?mount=D&from=R`) reads from `R`: when
     /// the caller may not pull `R`, the mount parameters are dropped and the request
     /// becomes a plain upload, as the spec allows.
-    fn check_mount(&self, req: Request<Incoming>, identity: &Identity, route: &Route) -> Request<Incoming> {
+    fn check_mount(
+        &self,
+        req: Request<Incoming>,
+        identity: &Identity,
+        route: &Route,
+    ) -> Request<Incoming> {
         if !matches!(route, Route::UploadStart(_)) {
             return req;
         }
         let Some(query) = req.uri().query() else {
             return req;
         };
-        let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
-        let Some(from) = pairs.iter().find(|(k, _)| k == "from").map(|(_, v)| v.clone()) else {
+        let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect();
+        let Some(from) = pairs
+            .iter()
+            .find(|(k, _)| k == "from")
+            .map(|(_, v)| v.clone())
+        else {
             return req;
         };
         let allowed = RepoName::parse(&from)
@@ -352,7 +363,11 @@ impl Gate {
             .finish();
         let (mut parts, body) = req.into_parts();
         let path = parts.uri.path().to_owned();
-        let pq = if kept.is_empty() { path } else { format!("{path}?{kept}") };
+        let pq = if kept.is_empty() {
+            path
+        } else {
+            format!("{path}?{kept}")
+        };
         let mut uri = http::uri::Parts::from(parts.uri.clone());
         match pq.parse() {
             Ok(pq) => uri.path_and_query = Some(pq),

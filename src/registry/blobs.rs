@@ -47,7 +47,10 @@ impl http_body::Body for FileBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if this.remaining == 0 {
             return Poll::Ready(None);
@@ -60,7 +63,9 @@ impl http_body::Body for FileBody {
         match tokio_util::io::poll_read_buf(Pin::new(&mut this.file), cx, &mut limited) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(Ok(0)) => Poll::Ready(Some(Err("blob file ended before its length".into()))),
+            Poll::Ready(Ok(0)) => {
+                Poll::Ready(Some(Err("blob file ended before its length".into())))
+            }
             Poll::Ready(Ok(n)) => {
                 this.remaining -= n as u64;
                 Poll::Ready(Some(Ok(Frame::data(this.buf.split().freeze()))))
@@ -85,7 +90,10 @@ pub enum RangeRequest {
     /// No usable `Range`: the whole content (invalid or multi-range headers are
     /// ignored, as RFC 9110 allows).
     Whole,
-    Part { start: u64, end: u64 },
+    Part {
+        start: u64,
+        end: u64,
+    },
     Unsatisfiable,
 }
 
@@ -115,7 +123,10 @@ pub fn parse_range(value: Option<&HeaderValue>, len: u64) -> RangeRequest {
             Err(_) => None,
         },
         // bytes=N-: from N to the end.
-        (false, true) => a.parse::<u64>().ok().map(|start| (start, len.saturating_sub(1))),
+        (false, true) => a
+            .parse::<u64>()
+            .ok()
+            .map(|start| (start, len.saturating_sub(1))),
         (false, false) => match (a.parse::<u64>(), b.parse::<u64>()) {
             (Ok(start), Ok(end)) if end >= start => Some((start, end.min(len.saturating_sub(1)))),
             _ => None,
@@ -130,12 +141,21 @@ pub fn parse_range(value: Option<&HeaderValue>, len: u64) -> RangeRequest {
 }
 
 fn blob_unknown(d: &Digest) -> super::Failure {
-    OciError::new(ErrorCode::BlobUnknown, format!("blob {d} is not in this repository"))
-        .with_detail(serde_json::json!({ "digest": d.as_str() }))
-        .into()
+    OciError::new(
+        ErrorCode::BlobUnknown,
+        format!("blob {d} is not in this repository"),
+    )
+    .with_detail(serde_json::json!({ "digest": d.as_str() }))
+    .into()
 }
 
-pub async fn get(reg: &Registry, repo: &RepoName, d: &Digest, req: &Request<Body>, head: bool) -> Handled {
+pub async fn get(
+    reg: &Registry,
+    repo: &RepoName,
+    d: &Digest,
+    req: &Request<Body>,
+    head: bool,
+) -> Handled {
     let (r, d2) = (repo.clone(), d.clone());
     let opened = reg
         .storage
@@ -157,8 +177,10 @@ pub async fn get(reg: &Registry, repo: &RepoName, d: &Digest, req: &Request<Body
             let mut resp = OciError::new(ErrorCode::BlobUnknown, "requested range not satisfiable")
                 .with_status(StatusCode::RANGE_NOT_SATISFIABLE)
                 .into_response();
-            resp.headers_mut()
-                .insert(header::CONTENT_RANGE, header_value(&format!("bytes */{len}"))?);
+            resp.headers_mut().insert(
+                header::CONTENT_RANGE,
+                header_value(&format!("bytes */{len}"))?,
+            );
             return Ok(resp);
         }
     };
@@ -180,7 +202,10 @@ pub async fn get(reg: &Registry, repo: &RepoName, d: &Digest, req: &Request<Body
     };
     let h = resp.headers_mut();
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     h.insert("docker-content-digest", header_value(d.as_str())?);
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::ETAG, header_value(&format!("\"{d}\""))?);
@@ -200,7 +225,11 @@ pub async fn get(reg: &Registry, repo: &RepoName, d: &Digest, req: &Request<Body
 pub async fn delete(reg: &Registry, repo: &RepoName, d: &Digest) -> Handled {
     reg.deletes_enabled()?;
     let (r, d2) = (repo.clone(), d.clone());
-    if !reg.storage.blocking(move |s| s.unlink_layer(&r, &d2)).await? {
+    if !reg
+        .storage
+        .blocking(move |s| s.unlink_layer(&r, &d2))
+        .await?
+    {
         return Err(blob_unknown(d));
     }
     Ok(empty_response(StatusCode::ACCEPTED))
@@ -217,11 +246,26 @@ mod tests {
     #[test]
     fn ranges() {
         assert_eq!(parse_range(None, 10), RangeRequest::Whole);
-        assert_eq!(range("bytes=0-4", 10), RangeRequest::Part { start: 0, end: 4 });
-        assert_eq!(range("bytes=5-", 10), RangeRequest::Part { start: 5, end: 9 });
-        assert_eq!(range("bytes=-3", 10), RangeRequest::Part { start: 7, end: 9 });
-        assert_eq!(range("bytes=-30", 10), RangeRequest::Part { start: 0, end: 9 });
-        assert_eq!(range("bytes=8-100", 10), RangeRequest::Part { start: 8, end: 9 });
+        assert_eq!(
+            range("bytes=0-4", 10),
+            RangeRequest::Part { start: 0, end: 4 }
+        );
+        assert_eq!(
+            range("bytes=5-", 10),
+            RangeRequest::Part { start: 5, end: 9 }
+        );
+        assert_eq!(
+            range("bytes=-3", 10),
+            RangeRequest::Part { start: 7, end: 9 }
+        );
+        assert_eq!(
+            range("bytes=-30", 10),
+            RangeRequest::Part { start: 0, end: 9 }
+        );
+        assert_eq!(
+            range("bytes=8-100", 10),
+            RangeRequest::Part { start: 8, end: 9 }
+        );
         assert_eq!(range("bytes=10-", 10), RangeRequest::Unsatisfiable);
         assert_eq!(range("bytes=10-20", 10), RangeRequest::Unsatisfiable);
         assert_eq!(range("bytes=-0", 10), RangeRequest::Unsatisfiable);

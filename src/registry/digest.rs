@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use http_body_util::BodyExt;
 use sha2::{Digest as _, Sha256, Sha512};
 
-use crate::body::{BoxError, Body};
+use crate::body::{Body, BoxError};
 
 /// Bytes gathered before one blocking write.
 const BATCH: usize = 1024 * 1024;
@@ -97,7 +97,11 @@ pub enum AppendError {
 /// Append `body` to the file at `path`, which holds `state.size` bytes hashed into
 /// `state`. Returns the state covering what is in the file afterwards, whatever
 /// happened.
-pub async fn append_body(path: PathBuf, state: HashState, mut body: Body) -> (HashState, Result<(), AppendError>) {
+pub async fn append_body(
+    path: PathBuf,
+    state: HashState,
+    mut body: Body,
+) -> (HashState, Result<(), AppendError>) {
     let opened = tokio::task::spawn_blocking({
         let path = path.clone();
         move || std::fs::OpenOptions::new().append(true).open(path)
@@ -106,7 +110,12 @@ pub async fn append_body(path: PathBuf, state: HashState, mut body: Body) -> (Ha
     let mut file = match opened {
         Ok(Ok(f)) => f,
         Ok(Err(e)) => return (state, Err(AppendError::Storage(e))),
-        Err(e) => return (state, Err(AppendError::Storage(io::Error::other(e.to_string())))),
+        Err(e) => {
+            return (
+                state,
+                Err(AppendError::Storage(io::Error::other(e.to_string()))),
+            );
+        }
     };
     let mut state = state;
     let mut batch = BytesMut::new();
@@ -140,7 +149,10 @@ pub async fn append_body(path: PathBuf, state: HashState, mut body: Body) -> (Ha
                 Err(e) => {
                     // The task died: the file may hold a partial batch the hash does not
                     // cover; the caller re-hashes from the file.
-                    return (HashState::default(), Err(AppendError::Storage(io::Error::other(e.to_string()))));
+                    return (
+                        HashState::default(),
+                        Err(AppendError::Storage(io::Error::other(e.to_string()))),
+                    );
                 }
             }
         }
@@ -179,15 +191,24 @@ mod tests {
         let path = dir.path().join("data");
         std::fs::write(&path, b"").expect("create");
         let big = vec![7u8; 3 * BATCH + 5];
-        let (state, result) = append_body(path.clone(), HashState::default(), crate::body::full(big.clone())).await;
+        let (state, result) = append_body(
+            path.clone(),
+            HashState::default(),
+            crate::body::full(big.clone()),
+        )
+        .await;
         result.expect("append");
         assert_eq!(state.size, big.len() as u64);
-        let (state, result) = append_body(path.clone(), state, crate::body::full(&b"tail"[..])).await;
+        let (state, result) =
+            append_body(path.clone(), state, crate::body::full(&b"tail"[..])).await;
         result.expect("append");
         let mut all = big;
         all.extend_from_slice(b"tail");
         assert_eq!(state.sha256(), of_bytes("sha256", &all).expect("digest"));
-        assert_eq!(HashState::of_file(&path).expect("rehash").sha256(), state.sha256());
+        assert_eq!(
+            HashState::of_file(&path).expect("rehash").sha256(),
+            state.sha256()
+        );
         assert_eq!(
             sha512_of_file(&path).expect("sha512"),
             of_bytes("sha512", &all).expect("digest")

@@ -23,18 +23,29 @@ use crate::route::{Digest, RepoName};
 const MAX_PAGE: usize = 10_000;
 
 /// Apply `last` and `n` to a sorted list; returns the page and whether more follow.
-fn page(items: Vec<String>, req: &Request<Body>) -> Result<(Vec<String>, Option<usize>, bool), Failure> {
+fn page(
+    items: Vec<String>,
+    req: &Request<Body>,
+) -> Result<(Vec<String>, Option<usize>, bool), Failure> {
     let n = match query_param(req, "n") {
         None => None,
         Some(v) => Some(
             v.parse::<usize>()
-                .map_err(|_| Failure::from(OciError::new(ErrorCode::Unsupported, "n must be a number").with_status(StatusCode::BAD_REQUEST)))?
+                .map_err(|_| {
+                    Failure::from(
+                        OciError::new(ErrorCode::Unsupported, "n must be a number")
+                            .with_status(StatusCode::BAD_REQUEST),
+                    )
+                })?
                 .min(MAX_PAGE),
         ),
     };
     let last = query_param(req, "last");
     let mut rest: Vec<String> = match &last {
-        Some(l) => items.into_iter().filter(|i| i.as_str() > l.as_str()).collect(),
+        Some(l) => items
+            .into_iter()
+            .filter(|i| i.as_str() > l.as_str())
+            .collect(),
         None => items,
     };
     let limit = n.unwrap_or(MAX_PAGE);
@@ -57,9 +68,12 @@ fn link_next(path: &str, n: Option<usize>, last: Option<&String>) -> Result<Head
 pub async fn tags(reg: &Registry, repo: &RepoName, req: &Request<Body>) -> Handled {
     let r = repo.clone();
     let Some(all) = reg.storage.blocking(move |s| s.list_tags(&r)).await? else {
-        return Err(OciError::new(ErrorCode::NameUnknown, format!("repository {repo} is not known"))
-            .with_detail(serde_json::json!({ "name": repo.as_str() }))
-            .into());
+        return Err(OciError::new(
+            ErrorCode::NameUnknown,
+            format!("repository {repo} is not known"),
+        )
+        .with_detail(serde_json::json!({ "name": repo.as_str() }))
+        .into());
     };
     let (tags, n, more) = page(all, req)?;
     let json = serde_json::json!({ "name": repo.as_str(), "tags": tags }).to_string();
@@ -83,7 +97,12 @@ pub async fn catalog(reg: &Registry, req: &Request<Body>) -> Handled {
     Ok(resp)
 }
 
-pub async fn referrers(reg: &Registry, repo: &RepoName, subject: &Digest, req: &Request<Body>) -> Handled {
+pub async fn referrers(
+    reg: &Registry,
+    repo: &RepoName,
+    subject: &Digest,
+    req: &Request<Body>,
+) -> Handled {
     let filter = query_param(req, "artifactType");
     let (r, target) = (repo.clone(), subject.clone());
     let found = reg
@@ -109,7 +128,11 @@ pub async fn referrers(reg: &Registry, repo: &RepoName, subject: &Digest, req: &
                 let artifact_type = json
                     .get("artifactType")
                     .and_then(Value::as_str)
-                    .or_else(|| json.get("config").and_then(|c| c.get("mediaType")).and_then(Value::as_str))
+                    .or_else(|| {
+                        json.get("config")
+                            .and_then(|c| c.get("mediaType"))
+                            .and_then(Value::as_str)
+                    })
                     .map(str::to_owned);
                 let mut desc = serde_json::json!({
                     "mediaType": media_type_of(&json),
@@ -129,7 +152,11 @@ pub async fn referrers(reg: &Registry, repo: &RepoName, subject: &Digest, req: &
         .await?;
     let manifests: Vec<Value> = found
         .into_iter()
-        .filter(|(at, _)| filter.as_ref().is_none_or(|f| at.as_deref() == Some(f.as_str())))
+        .filter(|(at, _)| {
+            filter
+                .as_ref()
+                .is_none_or(|f| at.as_deref() == Some(f.as_str()))
+        })
         .map(|(_, d)| d)
         .collect();
     let json = serde_json::json!({
@@ -142,7 +169,10 @@ pub async fn referrers(reg: &Registry, repo: &RepoName, subject: &Digest, req: &
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(OCI_INDEX));
     if filter.is_some() {
-        h.insert("oci-filters-applied", HeaderValue::from_static("artifactType"));
+        h.insert(
+            "oci-filters-applied",
+            HeaderValue::from_static("artifactType"),
+        );
     }
     Ok(resp)
 }

@@ -16,8 +16,8 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use serde_json::Value;
 
-use super::{Failure, Handled, Registry, empty_response, header_value};
 use super::digest;
+use super::{Failure, Handled, Registry, empty_response, header_value};
 use crate::backend::RequestContext;
 use crate::body::{self, Body};
 use crate::error::{ErrorCode, OciError};
@@ -39,9 +39,12 @@ fn invalid(message: impl Into<String>) -> Failure {
 }
 
 fn unknown(repo: &RepoName, r: &Reference) -> Failure {
-    OciError::new(ErrorCode::ManifestUnknown, format!("manifest {r} is not in {repo}"))
-        .with_detail(serde_json::json!({ "name": repo.as_str(), "reference": r.to_string() }))
-        .into()
+    OciError::new(
+        ErrorCode::ManifestUnknown,
+        format!("manifest {r} is not in {repo}"),
+    )
+    .with_detail(serde_json::json!({ "name": repo.as_str(), "reference": r.to_string() }))
+    .into()
 }
 
 /// The media type a stored manifest is served with: its `mediaType`, or what its shape
@@ -61,7 +64,11 @@ pub fn media_type_of(json: &Value) -> &str {
 }
 
 /// Resolve a reference to a digest in `repo`.
-async fn resolve(reg: &Registry, repo: &RepoName, r: &Reference) -> Result<Option<Digest>, Failure> {
+async fn resolve(
+    reg: &Registry,
+    repo: &RepoName,
+    r: &Reference,
+) -> Result<Option<Digest>, Failure> {
     let (repo, r) = (repo.clone(), r.clone());
     Ok(reg
         .storage
@@ -80,7 +87,11 @@ pub async fn get(reg: &Registry, repo: &RepoName, r: &Reference, head: bool) -> 
         return Err(unknown(repo, r));
     };
     let d2 = d.clone();
-    let Some(bytes) = reg.storage.blocking(move |s| s.read_blob(&d2, MAX_STORED_MANIFEST)).await? else {
+    let Some(bytes) = reg
+        .storage
+        .blocking(move |s| s.read_blob(&d2, MAX_STORED_MANIFEST))
+        .await?
+    else {
         return Err(unknown(repo, r));
     };
     let media_type = serde_json::from_slice::<Value>(&bytes)
@@ -108,9 +119,12 @@ fn descriptor_digest(desc: &Value, what: &str) -> Result<Digest, Failure> {
         .ok_or_else(|| invalid(format!("{what}: descriptor without a digest")))?;
     let d = Digest::parse(d).map_err(|e| invalid(format!("{what}: {e}")))?;
     if !matches!(d.algorithm(), "sha256" | "sha512") {
-        return Err(invalid(format!("{what}: unsupported digest algorithm {}", d.algorithm())));
+        return Err(invalid(format!(
+            "{what}: unsupported digest algorithm {}",
+            d.algorithm()
+        )));
     }
-    if !desc.get("size").is_some_and(|s| s.as_u64().is_some()) {
+    if desc.get("size").is_none_or(|s| s.as_u64().is_none()) {
         return Err(invalid(format!("{what}: descriptor without a valid size")));
     }
     if !desc.get("mediaType").is_none_or(Value::is_string) {
@@ -134,12 +148,12 @@ fn validate(json: &Value, content_type: &str) -> Result<References, Failure> {
     if json.get("schemaVersion").and_then(Value::as_u64) != Some(2) {
         return Err(invalid("schemaVersion must be 2"));
     }
-    if let Some(mt) = json.get("mediaType") {
-        if mt.as_str() != Some(content_type) {
-            return Err(invalid(format!(
-                "mediaType {mt} does not match Content-Type {content_type}"
-            )));
-        }
+    if let Some(mt) = json.get("mediaType")
+        && mt.as_str() != Some(content_type)
+    {
+        return Err(invalid(format!(
+            "mediaType {mt} does not match Content-Type {content_type}"
+        )));
     }
     let mut refs = References {
         blobs: Vec::new(),
@@ -174,7 +188,8 @@ fn validate(json: &Value, content_type: &str) -> Result<References, Failure> {
                 .and_then(Value::as_array)
                 .ok_or_else(|| invalid("an index needs a manifests array"))?;
             for (i, m) in manifests.iter().enumerate() {
-                refs.manifests.push(descriptor_digest(m, &format!("manifests[{i}]"))?);
+                refs.manifests
+                    .push(descriptor_digest(m, &format!("manifests[{i}]"))?);
             }
         }
         other => {
@@ -195,7 +210,13 @@ fn validate(json: &Value, content_type: &str) -> Result<References, Failure> {
     Ok(refs)
 }
 
-pub async fn put(reg: &Registry, repo: &RepoName, r: &Reference, req: Request<Body>, ctx: &RequestContext) -> Handled {
+pub async fn put(
+    reg: &Registry,
+    repo: &RepoName,
+    r: &Reference,
+    req: Request<Body>,
+    ctx: &RequestContext,
+) -> Handled {
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -221,7 +242,8 @@ pub async fn put(reg: &Registry, repo: &RepoName, r: &Reference, req: Request<Bo
             });
         }
     };
-    let json: Value = serde_json::from_slice(&bytes).map_err(|e| invalid(format!("not JSON: {e}")))?;
+    let json: Value =
+        serde_json::from_slice(&bytes).map_err(|e| invalid(format!("not JSON: {e}")))?;
     let refs = validate(&json, &content_type)?;
     let algorithm = match r {
         Reference::Digest(d) => d.algorithm().to_owned(),
@@ -242,7 +264,8 @@ pub async fn put(reg: &Registry, repo: &RepoName, r: &Reference, req: Request<Bo
         )
         .into());
     }
-    let d = Digest::parse(&computed).map_err(|e| Failure::from(OciError::new(ErrorCode::DigestInvalid, e.to_string())))?;
+    let d = Digest::parse(&computed)
+        .map_err(|e| Failure::from(OciError::new(ErrorCode::DigestInvalid, e.to_string())))?;
     let tag = match r {
         Reference::Tag(t) => Some(t.clone()),
         Reference::Digest(_) => None,
@@ -251,15 +274,21 @@ pub async fn put(reg: &Registry, repo: &RepoName, r: &Reference, req: Request<Bo
     let missing = reg
         .storage
         .blocking(move |s| {
+            // Under the shared GC lock, check and touch what the manifest references, so
+            // a collection running now either deleted it already (and the PUT fails
+            // cleanly) or keeps it.
+            let _gc = s.gc_shared_lock()?;
             for b in &refs.blobs {
                 if !s.layer_linked(&repo2, b)? {
                     return Ok(Some(b.clone()));
                 }
+                s.touch_blob(b);
             }
             for m in &refs.manifests {
                 if !s.revision_exists(&repo2, m)? {
                     return Ok(Some(m.clone()));
                 }
+                s.touch_blob(m);
             }
             s.put_manifest(&repo2, &d2, &bytes, tag.as_deref())?;
             Ok(None)
@@ -275,7 +304,10 @@ pub async fn put(reg: &Registry, repo: &RepoName, r: &Reference, req: Request<Bo
     }
     let mut resp = empty_response(StatusCode::CREATED);
     let h = resp.headers_mut();
-    h.insert(header::LOCATION, header_value(&format!("{}/v2/{repo}/manifests/{d}", ctx.public_base))?);
+    h.insert(
+        header::LOCATION,
+        header_value(&format!("{}/v2/{repo}/manifests/{d}", ctx.public_base))?,
+    );
     h.insert("docker-content-digest", header_value(d.as_str())?);
     if let Some(subject) = &refs.subject {
         h.insert("oci-subject", header_value(subject.as_str())?);
@@ -322,9 +354,15 @@ mod tests {
         let refs = validate(&image, OCI_MANIFEST).expect("valid");
         assert_eq!(refs.blobs.len(), 2, "config + one distributable layer");
         assert!(refs.subject.is_some());
-        assert!(validate(&image, DOCKER_MANIFEST).is_err(), "mediaType mismatch");
+        assert!(
+            validate(&image, DOCKER_MANIFEST).is_err(),
+            "mediaType mismatch"
+        );
         let index = serde_json::json!({"schemaVersion": 2, "manifests": [desc(OCI_MANIFEST)]});
-        assert_eq!(validate(&index, OCI_INDEX).expect("valid").manifests.len(), 1);
+        assert_eq!(
+            validate(&index, OCI_INDEX).expect("valid").manifests.len(),
+            1
+        );
         for bad in [
             serde_json::json!({"schemaVersion": 1}),
             serde_json::json!({"schemaVersion": 2, "layers": []}),

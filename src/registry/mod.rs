@@ -11,6 +11,7 @@
 
 mod blobs;
 mod digest;
+pub mod gc;
 mod listing;
 mod manifests;
 pub mod storage;
@@ -70,7 +71,10 @@ impl Registry {
     }
 
     /// Remove abandoned uploads now and then, for as long as the registry lives.
-    pub fn spawn_upload_purger(self: &std::sync::Arc<Self>, age: Duration) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_upload_purger(
+        self: &std::sync::Arc<Self>,
+        age: Duration,
+    ) -> tokio::task::JoinHandle<()> {
         let weak = std::sync::Arc::downgrade(self);
         let every = (age / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
         tokio::spawn(async move {
@@ -80,7 +84,11 @@ impl Registry {
                 let Some(registry) = weak.upgrade() else {
                     return;
                 };
-                match registry.storage.blocking(move |s| s.purge_uploads(age)).await {
+                match registry
+                    .storage
+                    .blocking(move |s| s.purge_uploads(age))
+                    .await
+                {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(removed = n, "abandoned uploads removed"),
                     Err(e) => tracing::error!("purging abandoned uploads: {e}"),
@@ -90,19 +98,61 @@ impl Registry {
         })
     }
 
+    /// Collect garbage every `every`, for as long as the registry lives.
+    pub fn spawn_gc(
+        self: &std::sync::Arc<Self>,
+        every: Duration,
+        delete_untagged: bool,
+    ) -> tokio::task::JoinHandle<()> {
+        let weak = std::sync::Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(registry) = weak.upgrade() else {
+                    return;
+                };
+                let options = gc::GcOptions {
+                    dry_run: false,
+                    delete_untagged,
+                };
+                match registry
+                    .storage
+                    .blocking(move |s| gc::collect(s, options))
+                    .await
+                {
+                    Ok(r) => tracing::info!(
+                        blobs = r.blobs_removed.len(),
+                        manifests = r.manifests_removed.len(),
+                        bytes = r.bytes_freed,
+                        "garbage collection done"
+                    ),
+                    Err(e) => tracing::error!("garbage collection failed: {e}"),
+                }
+            }
+        })
+    }
+
     async fn dispatch(&self, req: Request<Body>, ctx: &RequestContext) -> Handled {
         let method = req.method().clone();
         match (&ctx.route, &method) {
-            (Route::Base, &Method::GET | &Method::HEAD) => Ok(json_response(StatusCode::OK, "{}".into())),
+            (Route::Base, &Method::GET | &Method::HEAD) => {
+                Ok(json_response(StatusCode::OK, "{}".into()))
+            }
             (Route::Catalog, &Method::GET | &Method::HEAD) => listing::catalog(self, &req).await,
-            (Route::Tags(name), &Method::GET | &Method::HEAD) => listing::tags(self, name, &req).await,
+            (Route::Tags(name), &Method::GET | &Method::HEAD) => {
+                listing::tags(self, name, &req).await
+            }
             (Route::Referrers(name, d), &Method::GET | &Method::HEAD) => {
                 listing::referrers(self, name, d, &req).await
             }
             (Route::Manifest(name, r), &Method::GET | &Method::HEAD) => {
                 manifests::get(self, name, r, method == Method::HEAD).await
             }
-            (Route::Manifest(name, r), &Method::PUT) => manifests::put(self, name, r, req, ctx).await,
+            (Route::Manifest(name, r), &Method::PUT) => {
+                manifests::put(self, name, r, req, ctx).await
+            }
             (Route::Manifest(name, r), &Method::DELETE) => manifests::delete(self, name, r).await,
             (Route::Blob(name, d), &Method::GET | &Method::HEAD) => {
                 blobs::get(self, name, d, &req, method == Method::HEAD).await
@@ -110,8 +160,12 @@ impl Registry {
             (Route::Blob(name, d), &Method::DELETE) => blobs::delete(self, name, d).await,
             (Route::UploadStart(name), &Method::POST) => uploads::start(self, name, req, ctx).await,
             (Route::Upload(name, id), &Method::GET) => uploads::status(self, name, id, ctx).await,
-            (Route::Upload(name, id), &Method::PATCH) => uploads::patch(self, name, id, req, ctx).await,
-            (Route::Upload(name, id), &Method::PUT) => uploads::finish(self, name, id, req, ctx).await,
+            (Route::Upload(name, id), &Method::PATCH) => {
+                uploads::patch(self, name, id, req, ctx).await
+            }
+            (Route::Upload(name, id), &Method::PUT) => {
+                uploads::finish(self, name, id, req, ctx).await
+            }
             (Route::Upload(name, id), &Method::DELETE) => uploads::cancel(self, name, id).await,
             _ => Err(OciError::new(
                 ErrorCode::Unsupported,
@@ -149,7 +203,11 @@ impl Backend for Registry {
         format!(
             "built-in registry on {} (deletes {})",
             self.storage.layout().root().display(),
-            if self.delete_enabled { "enabled" } else { "disabled" }
+            if self.delete_enabled {
+                "enabled"
+            } else {
+                "disabled"
+            }
         )
     }
 }
@@ -170,7 +228,8 @@ fn storage_error_response(id: &str, e: StorageError) -> Response<Body> {
             format!("this repository cannot be served (request {id})"),
         )
         .into_response(),
-        _ => OciError::new(ErrorCode::Unknown, format!("storage error (request {id})")).into_response(),
+        _ => OciError::new(ErrorCode::Unknown, format!("storage error (request {id})"))
+            .into_response(),
     }
 }
 
@@ -179,7 +238,10 @@ fn json_response(status: StatusCode, json: String) -> Response<Body> {
     let mut resp = Response::new(body::full(json.clone()));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(json.len()));
     resp
 }

@@ -79,7 +79,11 @@ fn upload_unknown() -> Failure {
 }
 
 fn location_of(ctx: &RequestContext, repo: &RepoName, id: &UploadId) -> String {
-    format!("{}/v2/{repo}/blobs/uploads/{}", ctx.public_base, id.as_str())
+    format!(
+        "{}/v2/{repo}/blobs/uploads/{}",
+        ctx.public_base,
+        id.as_str()
+    )
 }
 
 /// `Range: 0-<last byte>` as the spec writes it (`0-0` for nothing yet).
@@ -87,7 +91,13 @@ fn range_value(size: u64) -> String {
     format!("0-{}", size.saturating_sub(1))
 }
 
-fn session_response(status: StatusCode, ctx: &RequestContext, repo: &RepoName, id: &UploadId, size: u64) -> Handled {
+fn session_response(
+    status: StatusCode,
+    ctx: &RequestContext,
+    repo: &RepoName,
+    id: &UploadId,
+    size: u64,
+) -> Handled {
     let mut resp = empty_response(status);
     let h = resp.headers_mut();
     h.insert(header::LOCATION, header_value(&location_of(ctx, repo, id))?);
@@ -99,31 +109,40 @@ fn session_response(status: StatusCode, ctx: &RequestContext, repo: &RepoName, i
 fn created(ctx: &RequestContext, repo: &RepoName, d: &Digest) -> Handled {
     let mut resp = empty_response(StatusCode::CREATED);
     let h = resp.headers_mut();
-    h.insert(header::LOCATION, header_value(&format!("{}/v2/{repo}/blobs/{d}", ctx.public_base))?);
+    h.insert(
+        header::LOCATION,
+        header_value(&format!("{}/v2/{repo}/blobs/{d}", ctx.public_base))?,
+    );
     h.insert("docker-content-digest", header_value(d.as_str())?);
     Ok(resp)
 }
 
-pub async fn start(reg: &Registry, repo: &RepoName, req: Request<Body>, ctx: &RequestContext) -> Handled {
+pub async fn start(
+    reg: &Registry,
+    repo: &RepoName,
+    req: Request<Body>,
+    ctx: &RequestContext,
+) -> Handled {
     // Cross-repository mount. The gate removed `mount`/`from` when the caller may not
     // pull the source; here it only matters whether the source has the blob.
-    if let (Some(mount), Some(from)) = (query_param(&req, "mount"), query_param(&req, "from")) {
-        if let (Ok(d), Ok(from)) = (Digest::parse(&mount), RepoName::parse(&from)) {
-            let (r, d2) = (repo.clone(), d.clone());
-            let mounted = reg
-                .storage
-                .blocking(move |s| {
-                    if s.layer_linked(&from, &d2)? {
-                        s.link_layer(&r, &d2)?;
-                        Ok(true)
-                    } else {
-                        Ok(false)
-                    }
-                })
-                .await?;
-            if mounted {
-                return created(ctx, repo, &d);
-            }
+    if let (Some(mount), Some(from)) = (query_param(&req, "mount"), query_param(&req, "from"))
+        && let (Ok(d), Ok(from)) = (Digest::parse(&mount), RepoName::parse(&from))
+    {
+        let (r, d2) = (repo.clone(), d.clone());
+        let mounted = reg
+            .storage
+            .blocking(move |s| {
+                let _gc = s.gc_shared_lock()?;
+                if s.layer_linked(&from, &d2)? {
+                    s.link_layer(&r, &d2)?;
+                    Ok(true)
+                } else {
+                    Ok(false)
+                }
+            })
+            .await?;
+        if mounted {
+            return created(ctx, repo, &d);
         }
     }
     let digest = query_param(&req, "digest");
@@ -139,7 +158,12 @@ pub async fn start(reg: &Registry, repo: &RepoName, req: Request<Body>, ctx: &Re
     }
 }
 
-pub async fn status(reg: &Registry, repo: &RepoName, id: &UploadId, ctx: &RequestContext) -> Handled {
+pub async fn status(
+    reg: &Registry,
+    repo: &RepoName,
+    id: &UploadId,
+    ctx: &RequestContext,
+) -> Handled {
     let (r, i) = (repo.clone(), id.clone());
     let size = reg
         .storage
@@ -151,7 +175,10 @@ pub async fn status(reg: &Registry, repo: &RepoName, id: &UploadId, ctx: &Reques
 
 pub async fn cancel(reg: &Registry, repo: &RepoName, id: &UploadId) -> Handled {
     let (r, i) = (repo.clone(), id.clone());
-    let existed = reg.storage.blocking(move |s| s.cancel_upload(&r, &i)).await?;
+    let existed = reg
+        .storage
+        .blocking(move |s| s.cancel_upload(&r, &i))
+        .await?;
     reg.uploads.remove(repo, id);
     if !existed {
         return Err(upload_unknown());
@@ -164,7 +191,12 @@ fn content_range(req: &Request<Body>) -> Result<Option<(u64, u64)>, Failure> {
     let Some(v) = req.headers().get(header::CONTENT_RANGE) else {
         return Ok(None);
     };
-    let bad = || Failure::from(OciError::new(ErrorCode::BlobUploadInvalid, "malformed Content-Range"));
+    let bad = || {
+        Failure::from(OciError::new(
+            ErrorCode::BlobUploadInvalid,
+            "malformed Content-Range",
+        ))
+    };
     let s = v.to_str().map_err(|_| bad())?.trim();
     let s = s.strip_prefix("bytes ").unwrap_or(s);
     let s = s.split('/').next().unwrap_or(s);
@@ -191,17 +223,28 @@ fn out_of_order(ctx: &RequestContext, repo: &RepoName, id: &UploadId, size: u64)
         format!("chunk out of order: the upload holds {size} bytes; the next chunk starts there"),
     )
     .with_status(StatusCode::RANGE_NOT_SATISFIABLE);
-    e.detail = Some(serde_json::json!({ "range": range_value(size), "location": location_of(ctx, repo, id) }));
+    e.detail = Some(
+        serde_json::json!({ "range": range_value(size), "location": location_of(ctx, repo, id) }),
+    );
     Failure::Client(e)
 }
 
 /// Append a request body to a session, checking `Content-Range` against what the
 /// session holds. Returns the session's size afterwards.
-async fn append(reg: &Registry, repo: &RepoName, id: &UploadId, req: Request<Body>, ctx: &RequestContext) -> Result<u64, Failure> {
+async fn append(
+    reg: &Registry,
+    repo: &RepoName,
+    id: &UploadId,
+    req: Request<Body>,
+    ctx: &RequestContext,
+) -> Result<u64, Failure> {
     let range = content_range(&req)?;
     let length = declared_length(&req);
     let (r, i) = (repo.clone(), id.clone());
-    let path = reg.storage.blocking(move |s| s.upload_data_path(&r, &i)).await?;
+    let path = reg
+        .storage
+        .blocking(move |s| s.upload_data_path(&r, &i))
+        .await?;
     let session = reg.uploads.entry(repo, id);
     let mut guard = session.lock().await;
     let (r, i) = (repo.clone(), id.clone());
@@ -259,30 +302,58 @@ async fn append(reg: &Registry, repo: &RepoName, id: &UploadId, req: Request<Bod
         }
         Err(AppendError::Storage(e)) => {
             let what = format!("append to upload {}", id.as_str());
-            return Err(Failure::Storage(if matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded) {
-                super::storage::StorageError::Full(e)
-            } else {
-                super::storage::StorageError::Io { what, source: e }
-            }));
+            return Err(Failure::Storage(
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                ) {
+                    super::storage::StorageError::Full(e)
+                } else {
+                    super::storage::StorageError::Io { what, source: e }
+                },
+            ));
         }
     }
     Ok(after)
 }
 
-pub async fn patch(reg: &Registry, repo: &RepoName, id: &UploadId, req: Request<Body>, ctx: &RequestContext) -> Handled {
+pub async fn patch(
+    reg: &Registry,
+    repo: &RepoName,
+    id: &UploadId,
+    req: Request<Body>,
+    ctx: &RequestContext,
+) -> Handled {
     let size = append(reg, repo, id, req, ctx).await?;
     session_response(StatusCode::ACCEPTED, ctx, repo, id, size)
 }
 
-pub async fn finish(reg: &Registry, repo: &RepoName, id: &UploadId, req: Request<Body>, ctx: &RequestContext) -> Handled {
+pub async fn finish(
+    reg: &Registry,
+    repo: &RepoName,
+    id: &UploadId,
+    req: Request<Body>,
+    ctx: &RequestContext,
+) -> Handled {
     let Some(d) = query_param(&req, "digest") else {
-        return Err(OciError::new(ErrorCode::DigestInvalid, "PUT closing an upload needs ?digest=").into());
+        return Err(OciError::new(
+            ErrorCode::DigestInvalid,
+            "PUT closing an upload needs ?digest=",
+        )
+        .into());
     };
     complete(reg, repo, id, &d, req.into_body(), ctx).await
 }
 
 /// Append the last bytes (if any), check the digest, and make the blob visible.
-async fn complete(reg: &Registry, repo: &RepoName, id: &UploadId, d: &str, body: Body, ctx: &RequestContext) -> Handled {
+async fn complete(
+    reg: &Registry,
+    repo: &RepoName,
+    id: &UploadId,
+    d: &str,
+    body: Body,
+    ctx: &RequestContext,
+) -> Handled {
     let d = match Digest::parse(d) {
         Ok(d) if matches!(d.algorithm(), "sha256" | "sha512") => d,
         Ok(d) => {
@@ -322,7 +393,9 @@ async fn complete(reg: &Registry, repo: &RepoName, id: &UploadId, d: &str, body:
     drop(guard);
     let (r, i) = (repo.clone(), id.clone());
     if computed != d.as_str() {
-        reg.storage.blocking(move |s| s.cancel_upload(&r, &i)).await?;
+        reg.storage
+            .blocking(move |s| s.cancel_upload(&r, &i))
+            .await?;
         reg.uploads.remove(repo, id);
         return Err(OciError::new(
             ErrorCode::DigestInvalid,
@@ -331,7 +404,9 @@ async fn complete(reg: &Registry, repo: &RepoName, id: &UploadId, d: &str, body:
         .into());
     }
     let d2 = d.clone();
-    reg.storage.blocking(move |s| s.commit_upload(&r, &i, &d2)).await?;
+    reg.storage
+        .blocking(move |s| s.commit_upload(&r, &i, &d2))
+        .await?;
     reg.uploads.remove(repo, id);
     created(ctx, repo, &d)
 }

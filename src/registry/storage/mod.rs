@@ -53,7 +53,10 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> StorageError {
 
 /// Whether an error means "not there".
 fn missing(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory)
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
 }
 
 /// The filesystem storage.
@@ -203,8 +206,42 @@ impl FsStorage {
         Ok(linked && self.blob_size(d)?.is_some())
     }
 
+    /// Hold off garbage collection's deletions while content is being referenced:
+    /// a shared lock on the GC lock file (the sweep takes it exclusively for each
+    /// deletion), released when the returned file is dropped. Works across processes,
+    /// so `registry-gate gc` can run beside the server.
+    pub fn gc_shared_lock(&self) -> Result<std::fs::File> {
+        let file = self.open_gc_lock()?;
+        file.lock_shared()
+            .map_err(io_err("lock the GC lock file"))?;
+        Ok(file)
+    }
+
+    /// The GC lock, exclusively (held by the sweep for each deletion).
+    pub fn gc_exclusive_lock(&self) -> Result<std::fs::File> {
+        let file = self.open_gc_lock()?;
+        file.lock().map_err(io_err("lock the GC lock file"))?;
+        Ok(file)
+    }
+
+    fn open_gc_lock(&self) -> Result<std::fs::File> {
+        let path = self.layout.gc_lock();
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(format!("open {}", path.display())))
+    }
+
+    /// Mark content as in use now: garbage collection keeps content touched after it
+    /// started. Call with the shared GC lock held.
+    pub fn touch_blob(&self, d: &Digest) {
+        touch(&self.layout.blob_data(d));
+    }
+
     /// Make blob `d` part of `repo`. Touches the content so a concurrent garbage
-    /// collection sees it as new.
+    /// collection sees it as new; call with the shared GC lock held.
     pub fn link_layer(&self, repo: &RepoName, d: &Digest) -> Result<()> {
         touch(&self.layout.blob_data(d));
         self.write_link(&self.layout.layer_link(repo, d), d)
@@ -225,7 +262,10 @@ impl FsStorage {
 
     /// Whether manifest `d` is part of `repo`.
     pub fn revision_exists(&self, repo: &RepoName, d: &Digest) -> Result<bool> {
-        Ok(self.read_link(&self.layout.revision_link(repo, d))?.as_ref() == Some(d))
+        Ok(self
+            .read_link(&self.layout.revision_link(repo, d))?
+            .as_ref()
+            == Some(d))
     }
 
     /// The manifest a tag points at.
@@ -234,7 +274,13 @@ impl FsStorage {
     }
 
     /// Store a verified manifest: content, revision link, then the tag (if any).
-    pub fn put_manifest(&self, repo: &RepoName, d: &Digest, bytes: &[u8], tag: Option<&str>) -> Result<()> {
+    pub fn put_manifest(
+        &self,
+        repo: &RepoName,
+        d: &Digest,
+        bytes: &[u8],
+        tag: Option<&str>,
+    ) -> Result<()> {
         self.write_blob(d, bytes)?;
         touch(&self.layout.blob_data(d));
         self.write_link(&self.layout.revision_link(repo, d), d)?;
@@ -370,6 +416,7 @@ impl FsStorage {
 
     /// Finish an upload whose content was verified to be `d`.
     pub fn commit_upload(&self, repo: &RepoName, id: &UploadId, d: &Digest) -> Result<()> {
+        let _gc = self.gc_shared_lock()?;
         let data = self.layout.upload_data(repo, id);
         self.contained(&data)?;
         let file = std::fs::OpenOptions::new()
@@ -483,7 +530,10 @@ fn write_atomic(storage: &FsStorage, path: &Path, bytes: &[u8], sync: bool) -> R
     let tmp_name: [u8; 8] = rand::random();
     let tmp = dir.join(format!(
         ".tmp-{}",
-        tmp_name.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        tmp_name
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     ));
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
@@ -549,8 +599,14 @@ mod tests {
         s.put_manifest(&repo, &d, b"{}", Some("v1")).expect("put");
         assert_eq!(s.resolve_tag(&repo, "v1").expect("tag"), Some(d.clone()));
         assert!(s.revision_exists(&repo, &d).expect("rev"));
-        assert_eq!(s.list_tags(&repo).expect("tags"), Some(vec!["v1".to_owned()]));
-        assert_eq!(s.list_repositories().expect("repos"), vec!["a/b".to_owned()]);
+        assert_eq!(
+            s.list_tags(&repo).expect("tags"),
+            Some(vec!["v1".to_owned()])
+        );
+        assert_eq!(
+            s.list_repositories().expect("repos"),
+            vec!["a/b".to_owned()]
+        );
         assert_eq!(s.list_revisions(&repo).expect("revs"), vec![d.clone()]);
         assert!(s.delete_manifest(&repo, &d).expect("delete"));
         assert_eq!(s.resolve_tag(&repo, "v1").expect("tag"), None);
@@ -590,7 +646,12 @@ mod tests {
             s.put_manifest(&repo, &digest("{}"), b"{}", Some("v1")),
             Err(StorageError::Unsafe(_))
         ));
-        assert!(std::fs::read_dir(outside.path()).expect("dir").next().is_none());
+        assert!(
+            std::fs::read_dir(outside.path())
+                .expect("dir")
+                .next()
+                .is_none()
+        );
         assert!(matches!(s.list_tags(&repo), Err(StorageError::Unsafe(_))));
     }
 }

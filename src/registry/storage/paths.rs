@@ -43,6 +43,12 @@ impl Layout {
         &self.root
     }
 
+    /// Lock file coordinating garbage collection with writers (not part of
+    /// distribution's layout; `registry:2` ignores it).
+    pub fn gc_lock(&self) -> PathBuf {
+        self.base.join("gc.lock")
+    }
+
     pub fn blobs(&self) -> PathBuf {
         self.base.join("blobs")
     }
@@ -140,15 +146,21 @@ mod tests {
         let n = RepoName::parse("library/app").expect("name");
         assert_eq!(
             l.blob_data(&d),
-            Path::new("/var/lib/registry/docker/registry/v2/blobs/sha256/01/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef/data")
+            Path::new(
+                "/var/lib/registry/docker/registry/v2/blobs/sha256/01/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef/data"
+            )
         );
         assert_eq!(
             l.layer_link(&n, &d),
-            Path::new("/var/lib/registry/docker/registry/v2/repositories/library/app/_layers/sha256/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef/link")
+            Path::new(
+                "/var/lib/registry/docker/registry/v2/repositories/library/app/_layers/sha256/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef/link"
+            )
         );
         assert_eq!(
             l.tag_current(&n, "v1"),
-            Path::new("/var/lib/registry/docker/registry/v2/repositories/library/app/_manifests/tags/v1/current/link")
+            Path::new(
+                "/var/lib/registry/docker/registry/v2/repositories/library/app/_manifests/tags/v1/current/link"
+            )
         );
     }
 }
