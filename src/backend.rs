@@ -35,4 +35,8 @@ pub trait Backend: Send + Sync + 'static {
 
     /// One line for logs: what this backend is.
     fn describe(&self) -> String;
+
+    /// Whether the backend can serve now (`/readyz`): the upstream answers, or the
+    /// storage is writable. `Err` says why not.
+    fn ready(&self) -> BoxFuture<'_, Result<(), String>>;
 }

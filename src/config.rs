@@ -59,6 +59,9 @@ pub struct Config {
     pub storage: Option<StorageConfig>,
     #[serde(default)]
     pub server: ServerConfig,
+    /// Metrics and health endpoints on a separate plain-HTTP listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminConfig>,
     #[serde(default)]
     pub log: LogConfig,
 }
@@ -188,6 +191,13 @@ pub struct ServerConfig {
     /// Connections beyond this wait in the kernel's accept queue.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// e.g. `127.0.0.1:9090`: plain HTTP, for localhost or a private network.
+    pub listen: SocketAddr,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

@@ -19,12 +19,17 @@
 //!       └ backend  the trait the gate calls without knowing what is behind it
 //!            └ proxy    Backend for an external upstream registry (pooled, streaming)
 //!
+//!            └ registry the built-in registry (all-in-one): OCI distribution API over
+//!                       the disk in the CNCF layout, uploads, manifests, gc
+//!
+//! admin    plain-HTTP listener: /metrics (metrics), /healthz, /readyz
 //! body     the response/request body type and the byte counting used by the log
 //! users    `registry-gate user add|del|list`: edits htpasswd and group files atomically
 //! ```
 //!
 //! Nothing here collects a blob in memory: bodies stream from one side to the other.
 
+pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod body;
@@ -33,6 +38,7 @@ pub mod error;
 pub mod gate;
 pub mod io;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod registry;
 pub mod route;

@@ -18,6 +18,8 @@ use crate::backend::{Backend, BoxFuture, RequestContext};
 use crate::body::{self, Body};
 use crate::config::{UpstreamConfig, UpstreamUrl, parse_upstream_url};
 use crate::error::{ErrorCode, OciError};
+use crate::metrics::{Metrics, ReasonLabels};
+use std::sync::Arc;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 /// ones a proxy must not pass on.
@@ -69,10 +71,11 @@ pub struct Proxy {
     origin: String,
     credentials: Option<HeaderValue>,
     response_timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Proxy {
-    pub fn new(config: &UpstreamConfig) -> Result<Proxy, String> {
+    pub fn new(config: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Proxy, String> {
         let upstream = parse_upstream_url(&config.url)?;
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(config.connect_timeout_secs)));
@@ -102,6 +105,7 @@ impl Proxy {
             origin,
             credentials,
             response_timeout: Duration::from_secs(config.response_timeout_secs),
+            metrics,
         })
     }
 
@@ -179,6 +183,11 @@ impl Proxy {
         let resp = match sent {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
+                let reason = if e.is_connect() { "connect" } else { "request" };
+                self.metrics
+                    .upstream_errors
+                    .get_or_create(&ReasonLabels { reason })
+                    .inc();
                 let cause = error_chain(&e);
                 tracing::warn!(id = %ctx.id, upstream = %self.origin, "upstream request failed: {cause}");
                 let what = if e.is_connect() {
@@ -193,6 +202,10 @@ impl Proxy {
                 .into_response();
             }
             Err(_) => {
+                self.metrics
+                    .upstream_errors
+                    .get_or_create(&ReasonLabels { reason: "timeout" })
+                    .inc();
                 tracing::warn!(id = %ctx.id, upstream = %self.origin, "upstream response timed out");
                 return OciError::new(
                     ErrorCode::Unavailable,
@@ -236,6 +249,28 @@ impl Backend for Proxy {
     fn describe(&self) -> String {
         format!("proxy to {}", self.origin)
     }
+
+    fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            // Any HTTP answer to the version check means the upstream is there.
+            let uri: Uri = format!("{}/v2/", self.origin)
+                .parse()
+                .map_err(|e| format!("upstream URI: {e}"))?;
+            let mut req = Request::new(body::empty());
+            *req.uri_mut() = uri;
+            if let Ok(host) = HeaderValue::from_str(&self.upstream.authority) {
+                req.headers_mut().insert(header::HOST, host);
+            }
+            match tokio::time::timeout(Duration::from_secs(2), self.client.request(req)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("upstream {}: {}", self.origin, error_chain(&e))),
+                Err(_) => Err(format!(
+                    "upstream {} did not answer within 2 s",
+                    self.origin
+                )),
+            }
+        })
+    }
 }
 
 #[cfg(test)]
@@ -271,7 +306,7 @@ mod tests {
             .build()
             .expect("rt");
         let _guard = rt.enter();
-        let p = Proxy::new(&cfg).expect("proxy");
+        let p = Proxy::new(&cfg, Arc::new(Metrics::new())).expect("proxy");
         let mut h = HeaderMap::new();
         h.insert(
             "location",

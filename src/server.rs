@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
+use crate::admin::Admin;
 use crate::auth::Authenticator;
 use crate::auth::policy::Policy;
 use crate::auth::token::TokenKey;
@@ -27,6 +28,7 @@ use crate::backend::Backend;
 use crate::config::Config;
 use crate::gate::{Gate, TokenSettings};
 use crate::io::IdleTimeout;
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::registry::Registry;
 use crate::tls::{self, CertStore};
@@ -55,16 +57,34 @@ struct Shared {
     idle_timeout: Duration,
 }
 
-/// Run the gate on `listener` until `shutdown` resolves, then drain.
+/// Run the gate on `listener` until `shutdown` resolves, then drain. The admin
+/// listener, when configured, is bound here.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let certs = Arc::new(CertStore::new(tls::load_pair(
-        &config.tls.certificate,
-        &config.tls.private_key,
-    )?));
+    let admin = match &config.admin {
+        Some(a) => Some(TcpListener::bind(a.listen).await.map_err(|e| {
+            ServeError::Backend(format!("cannot listen on admin {}: {e}", a.listen))
+        })?),
+        None => None,
+    };
+    serve_with(config, listener, admin, shutdown).await
+}
+
+/// [`serve`] with the admin listener already bound (tests bind `127.0.0.1:0`).
+pub async fn serve_with(
+    config: Config,
+    listener: TcpListener,
+    admin_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let metrics = Arc::new(Metrics::new());
+    let certs = Arc::new(CertStore::new(
+        tls::load_pair(&config.tls.certificate, &config.tls.private_key)?,
+        metrics.clone(),
+    ));
     let tls_config = tls::server_config(certs.clone())?;
 
     let auth = match &config.auth {
@@ -73,7 +93,7 @@ pub async fn serve(
     };
     let mut background = Vec::new();
     let backend: Arc<dyn Backend> = match (&config.upstream, &config.storage) {
-        (Some(up), _) => Arc::new(Proxy::new(up).map_err(ServeError::Upstream)?),
+        (Some(up), _) => Arc::new(Proxy::new(up, metrics.clone()).map_err(ServeError::Upstream)?),
         (None, Some(storage)) => {
             let registry = Arc::new(
                 Registry::open(storage)
@@ -82,6 +102,7 @@ pub async fn serve(
             background.push(
                 registry.spawn_upload_purger(Duration::from_secs(storage.purge_uploads_after_secs)),
             );
+            background.push(registry.spawn_sampler(metrics.clone(), Duration::from_secs(60)));
             if storage.gc_interval_secs > 0 {
                 background.push(registry.spawn_gc(
                     Duration::from_secs(storage.gc_interval_secs),
@@ -97,6 +118,14 @@ pub async fn serve(
         }
     };
     tracing::info!(backend = %backend.describe(), "serving /v2");
+    if let Some(listener) = admin_listener {
+        let admin = Arc::new(Admin {
+            metrics: metrics.clone(),
+            backend: backend.clone(),
+            certs: certs.clone(),
+        });
+        background.push(tokio::spawn(crate::admin::run(listener, admin)));
+    }
 
     // Reloads: file changes and SIGHUP.
     let (hup_tx, hup_rx) = watch::channel(0u64);
@@ -156,7 +185,7 @@ pub async fn serve(
         .public_url
         .as_deref()
         .map(|u| u.trim_end_matches('/').to_owned());
-    let gate = Gate::new(backend, auth, policy, public_url, tokens);
+    let gate = Gate::new(backend, auth, policy, public_url, tokens, metrics.clone());
 
     let mut http = auto::Builder::new(TokioExecutor::new());
     http.http1()
@@ -218,8 +247,11 @@ pub async fn serve(
         }
         let shared = shared.clone();
         let watcher = graceful.watcher();
+        let open = metrics.connections.clone();
+        open.inc();
         tokio::spawn(async move {
             serve_connection(shared, tcp, peer, watcher).await;
+            open.dec();
             drop(permit);
         });
     }

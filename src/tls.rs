@@ -16,6 +16,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
+use crate::metrics::Metrics;
+
 /// Why a certificate pair was refused. Carries no key material.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -94,13 +96,32 @@ fn pem_message(e: &rustls::pki_types::pem::Error) -> String {
 #[derive(Debug)]
 pub struct CertStore {
     current: RwLock<Arc<CertifiedKey>>,
+    metrics: Arc<Metrics>,
 }
 
 impl CertStore {
-    pub fn new(initial: CertifiedKey) -> Self {
-        CertStore {
+    pub fn new(initial: CertifiedKey, metrics: Arc<Metrics>) -> Self {
+        let store = CertStore {
             current: RwLock::new(Arc::new(initial)),
+            metrics,
+        };
+        store.record_expiry();
+        store
+    }
+
+    fn record_expiry(&self) {
+        let current = self.current();
+        if let Some(t) = current.cert.first().and_then(|c| not_after(c.as_ref())) {
+            self.metrics.certificate_not_after.set(t);
         }
+    }
+
+    /// The leaf's notAfter (Unix time), if it can be read.
+    pub fn not_after(&self) -> Option<i64> {
+        self.current()
+            .cert
+            .first()
+            .and_then(|c| not_after(c.as_ref()))
     }
 
     pub fn current(&self) -> Arc<CertifiedKey> {
@@ -116,6 +137,7 @@ impl CertStore {
             Ok(mut g) => *g = pair,
             Err(poisoned) => *poisoned.into_inner() = pair,
         }
+        self.record_expiry();
     }
 
     /// Load the pair from disk and serve it, or keep the old one and log why.
@@ -142,7 +164,75 @@ impl ResolvesServerCert for CertStore {
 
 fn log_leaf(pair: &CertifiedKey, what: &str) {
     let chain_len = pair.cert.len();
-    tracing::info!(chain_len, "{what}");
+    match pair.cert.first().and_then(|c| not_after(c.as_ref())) {
+        Some(t) => {
+            tracing::info!(chain_len, not_after = %crate::auth::token::rfc3339(u64::try_from(t).unwrap_or(0)), "{what}")
+        }
+        None => tracing::info!(chain_len, "{what}"),
+    }
+}
+
+/// One DER element: (tag, contents, rest).
+fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+/// The notAfter of an X.509 certificate (DER), as Unix time.
+pub fn not_after(cert: &[u8]) -> Option<i64> {
+    let (_, certificate, _) = der_element(cert)?;
+    let (_, tbs, _) = der_element(certificate)?;
+    let mut rest = tbs;
+    // [0] version (optional), serialNumber, signature, issuer, then validity.
+    let (tag, _, after) = der_element(rest)?;
+    if tag == 0xa0 {
+        rest = after;
+    }
+    for _ in 0..3 {
+        let (_, _, after) = der_element(rest)?;
+        rest = after;
+    }
+    let (_, validity, _) = der_element(rest)?;
+    let (_, _, after_not_before) = der_element(validity)?;
+    let (tag, time, _) = der_element(after_not_before)?;
+    let text = std::str::from_utf8(time).ok()?;
+    let full = match tag {
+        // UTCTime YYMMDDHHMMSSZ: 50..99 are 19xx.
+        0x17 => {
+            let yy: i64 = text.get(0..2)?.parse().ok()?;
+            format!("{}{}", if yy >= 50 { 19 } else { 20 }, text)
+        }
+        0x18 => text.to_owned(),
+        _ => return None,
+    };
+    let num = |r: std::ops::Range<usize>| -> Option<i64> { full.get(r)?.parse().ok() };
+    let (y, mo, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
+    let (h, mi, sec) = (num(8..10)?, num(10..12)?, num(12..14)?);
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3600 + mi * 60 + sec)
 }
 
 /// The server-side TLS configuration: TLS 1.3 and 1.2, h2 and http/1.1 by ALPN,
@@ -182,6 +272,39 @@ pub fn spawn_reloader(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_not_after() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("k.pem");
+        let cert = dir.path().join("c.pem");
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                "/CN=t",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .args(["-days", "10"])
+            .status()
+            .expect("openssl (apt-get install openssl)");
+        assert!(status.success());
+        let pair = load_pair(&cert, &key).expect("pair");
+        let t = not_after(pair.cert[0].as_ref()).expect("notAfter");
+        let now = crate::auth::token::now_secs() as i64;
+        assert!((t - now - 10 * 86_400).abs() < 120, "{t} vs {now}");
+        assert_eq!(not_after(b"junk"), None);
+        assert_eq!(not_after(&[]), None);
+    }
 
     #[test]
     fn refuses_garbage_and_empty() {

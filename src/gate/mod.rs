@@ -16,6 +16,7 @@
 //!    access log line when the response body has been sent.
 
 mod catalog;
+mod page;
 mod token_endpoint;
 
 use std::net::SocketAddr;
@@ -35,6 +36,7 @@ use crate::auth::{
 use crate::backend::{Backend, RequestContext};
 use crate::body::{self, Body, Counted, OnEnd};
 use crate::error::{ErrorCode, OciError};
+use crate::metrics::{Metrics, ReasonLabels};
 use crate::route::{self, RepoName, Route, RouteError};
 
 /// Methods the registry API uses; everything else is refused before routing.
@@ -58,6 +60,7 @@ pub struct Gate {
     policy: Policy,
     public_url: Option<String>,
     tokens: TokenSettings,
+    metrics: Arc<Metrics>,
 }
 
 /// What the gate knows of where the client thinks it is.
@@ -77,6 +80,7 @@ impl Gate {
         policy: Policy,
         public_url: Option<String>,
         tokens: TokenSettings,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Gate {
             backend,
@@ -84,6 +88,7 @@ impl Gate {
             policy,
             public_url,
             tokens,
+            metrics,
         }
     }
 
@@ -96,6 +101,8 @@ impl Gate {
             id: id.clone(),
             peer,
             method: req.method().clone(),
+            family: self.family(req.uri().path()),
+            metrics: self.metrics.clone(),
             path: req.uri().path().to_owned(),
             version: req.version(),
             user: "-".into(),
@@ -126,9 +133,32 @@ impl Gate {
             Ok(Admitted::Token(req, origin)) => {
                 token_endpoint::serve(self, req, peer, &origin).await
             }
+            Ok(Admitted::Page(req, origin)) => {
+                (page::serve(self, &req, peer, &origin).await, "-".into())
+            }
             Err(rejection) => (rejection.response, rejection.user),
         };
         finish(resp, AccessLog { user, ..log })
+    }
+
+    /// The route family of a path, for metrics.
+    fn family(&self, path: &str) -> &'static str {
+        if path == self.tokens.path {
+            return "token";
+        }
+        if path == "/" {
+            return "page";
+        }
+        route::normalize(path)
+            .and_then(|p| route::parse(&p))
+            .map_or("other", |r| r.family())
+    }
+
+    fn auth_failed(&self, reason: &'static str) {
+        self.metrics
+            .auth_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// Steps 1–3: decide whether the request may reach the backend.
@@ -161,6 +191,9 @@ impl Gate {
         let origin = self.origin(&req).map_err(anon)?;
         if req.uri().path() == self.tokens.path {
             return Ok(Admitted::Token(req, origin));
+        }
+        if req.uri().path() == "/" && action == Action::Pull {
+            return Ok(Admitted::Page(req, origin));
         }
         let route = route::normalize(req.uri().path())
             .and_then(|p| route::parse(&p))
@@ -253,6 +286,7 @@ impl Gate {
                 {
                     Ok(claims) => Ok(Identity::Token(claims)),
                     Err(e) => {
+                        self.auth_failed("invalid_token");
                         tracing::debug!(peer = %peer, "token refused: {e}");
                         let resp = self.challenge(
                             req,
@@ -267,6 +301,7 @@ impl Gate {
                 }
             }
             Err(e) => {
+                self.auth_failed("malformed");
                 Authenticator::log_malformed(peer.ip(), &e.to_string());
                 let message = match e {
                     CredentialError::UnsupportedScheme => {
@@ -285,13 +320,19 @@ impl Gate {
 
     /// Check a password, or say no when there are no password files.
     async fn check_password(&self, peer: SocketAddr, user: &str, password: &[u8]) -> PasswordCheck {
-        match &self.auth {
+        let check = match &self.auth {
             Some(auth) => auth.check_password(peer.ip(), user, password).await,
             None => {
                 crate::auth::log_auth_failure(peer.ip(), user, "no password file configured");
                 PasswordCheck::Invalid
             }
+        };
+        match check {
+            PasswordCheck::Valid => {}
+            PasswordCheck::Invalid => self.auth_failed("bad_credentials"),
+            PasswordCheck::LockedOut(_) => self.auth_failed("locked_out"),
         }
+        check
     }
 
     fn is_member(&self, user: &str, group: &str) -> bool {
@@ -458,6 +499,7 @@ impl Gate {
 enum Admitted {
     Backend(Request<Incoming>, Box<RequestContext>),
     Token(Request<Incoming>, Origin),
+    Page(Request<Incoming>, Origin),
 }
 
 struct Rejection {
@@ -567,6 +609,8 @@ struct AccessLog {
     id: String,
     peer: SocketAddr,
     method: Method,
+    family: &'static str,
+    metrics: Arc<Metrics>,
     path: String,
     version: Version,
     user: String,
@@ -578,6 +622,18 @@ struct AccessLog {
 
 impl OnEnd for AccessLog {
     fn ended(&mut self, complete: bool) {
+        let (bytes_in, bytes_out) = (
+            self.bytes_in.load(Ordering::Relaxed),
+            self.bytes_out.load(Ordering::Relaxed),
+        );
+        self.metrics.observe(
+            &self.method,
+            self.family,
+            self.status,
+            bytes_in,
+            bytes_out,
+            self.started.elapsed(),
+        );
         tracing::info!(
             target: "registry_gate::access",
             id = %self.id,
@@ -587,8 +643,8 @@ impl OnEnd for AccessLog {
             version = ?self.version,
             status = self.status,
             user = %printable(&self.user),
-            bytes_in = self.bytes_in.load(Ordering::Relaxed),
-            bytes_out = self.bytes_out.load(Ordering::Relaxed),
+            bytes_in,
+            bytes_out,
             ms = self.started.elapsed().as_millis() as u64,
             complete,
         );

@@ -164,6 +164,7 @@ async fn issue(gate: &Gate, mut params: Params, peer: SocketAddr, origin: &Origi
                 )));
             }
             Some(Err(e)) => {
+                gate.auth_failed("malformed");
                 crate::auth::Authenticator::log_malformed(peer.ip(), &e.to_string());
                 return Err(unauthorized(gate, "malformed credentials"));
             }

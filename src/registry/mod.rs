@@ -98,6 +98,35 @@ impl Registry {
         })
     }
 
+    /// Sample the storage size and open uploads into the metrics now and then.
+    pub fn spawn_sampler(
+        self: &std::sync::Arc<Self>,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+        every: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let weak = std::sync::Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let Some(registry) = weak.upgrade() else {
+                    return;
+                };
+                match registry.storage.blocking(|s| s.usage()).await {
+                    Ok((bytes, uploads)) => {
+                        metrics
+                            .storage_bytes
+                            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+                        metrics
+                            .uploads_in_progress
+                            .set(i64::try_from(uploads).unwrap_or(i64::MAX));
+                    }
+                    Err(e) => tracing::warn!("sampling storage usage: {e}"),
+                }
+            }
+        })
+    }
+
     /// Collect garbage every `every`, for as long as the registry lives.
     pub fn spawn_gc(
         self: &std::sync::Arc<Self>,
@@ -196,6 +225,15 @@ impl Backend for Registry {
                 Err(Failure::Client(e)) => e.into_response(),
                 Err(Failure::Storage(e)) => storage_error_response(&ctx.id, e),
             }
+        })
+    }
+
+    fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            self.storage
+                .blocking(|s| s.check_writable())
+                .await
+                .map_err(|e| format!("storage: {e}"))
         })
     }
 

@@ -492,6 +492,34 @@ impl FsStorage {
         Ok(out)
     }
 
+    /// Whether files can be created in the storage (for `/readyz`).
+    pub fn check_writable(&self) -> Result<()> {
+        let probe = self.layout.repositories().join(".ready-probe");
+        write_atomic(self, &probe, b"ok", false)?;
+        remove_file_if_exists(&probe)
+    }
+
+    /// Bytes of blob content and number of open uploads (walks the disk).
+    pub fn usage(&self) -> Result<(u64, usize)> {
+        let mut bytes = 0;
+        let blobs = self.layout.blobs();
+        for alg in list_dirs(self, &blobs)? {
+            for prefix in list_dirs(self, &blobs.join(&alg))? {
+                for hex in list_dirs(self, &blobs.join(&alg).join(&prefix))? {
+                    let data = blobs.join(&alg).join(&prefix).join(hex).join("data");
+                    bytes += std::fs::metadata(&data).map(|m| m.len()).unwrap_or(0);
+                }
+            }
+        }
+        let mut uploads = 0;
+        for name in self.list_repositories_with_uploads()? {
+            if let Ok(repo) = RepoName::parse(&name) {
+                uploads += list_dirs(self, &self.layout.uploads(&repo))?.len();
+            }
+        }
+        Ok((bytes, uploads))
+    }
+
     /// Where an upload's bytes go (for the streaming writer in `uploads`).
     pub fn upload_data_path(&self, repo: &RepoName, id: &UploadId) -> Result<PathBuf> {
         let data = self.layout.upload_data(repo, id);

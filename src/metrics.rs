@@ -1,0 +1,235 @@
+//! Prometheus metrics (text exposition via `prometheus-client`), served on the admin
+//! listener (`admin`). Label values come from small fixed sets (method, route family,
+//! status) so hostile requests cannot grow the number of series.
+
+use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: &'static str,
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DurationLabels {
+    pub method: &'static str,
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+/// Every metric the gate keeps.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub durations: Family<DurationLabels, Histogram>,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub upstream_errors: Family<ReasonLabels, Counter>,
+    pub auth_failures: Family<ReasonLabels, Counter>,
+    pub certificate_not_after: Gauge<i64, AtomicI64>,
+    pub storage_bytes: Gauge<i64, AtomicI64>,
+    pub uploads_in_progress: Gauge<i64, AtomicI64>,
+    pub connections: Gauge<i64, AtomicI64>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("registry_gate");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by method, route family and status",
+            requests.clone(),
+        );
+        let durations = Family::<DurationLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0,
+            ])
+        });
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to the end of the response body",
+            durations.clone(),
+        );
+        let bytes_in = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "received_bytes",
+            "Request body bytes received",
+            bytes_in.clone(),
+        );
+        let bytes_out = Counter::<u64, AtomicU64>::default();
+        registry.register("sent_bytes", "Response body bytes sent", bytes_out.clone());
+        let upstream_errors = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Failed requests to the upstream registry",
+            upstream_errors.clone(),
+        );
+        let auth_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Refused credentials, by reason",
+            auth_failures.clone(),
+        );
+        let certificate_not_after = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "certificate_not_after_timestamp_seconds",
+            "Expiry (notAfter, Unix time) of the certificate being served",
+            certificate_not_after.clone(),
+        );
+        let storage_bytes = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "storage_bytes",
+            "Bytes of blob content in the built-in registry (sampled)",
+            storage_bytes.clone(),
+        );
+        let uploads_in_progress = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "uploads_in_progress",
+            "Upload sessions open in the built-in registry (sampled)",
+            uploads_in_progress.clone(),
+        );
+        let connections = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "open_connections",
+            "Client connections open now",
+            connections.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            durations,
+            bytes_in,
+            bytes_out,
+            upstream_errors,
+            auth_failures,
+            certificate_not_after,
+            storage_bytes,
+            uploads_in_progress,
+            connections,
+        }
+    }
+
+    /// Record one finished request.
+    pub fn observe(
+        &self,
+        method: &http::Method,
+        route: &'static str,
+        status: u16,
+        bytes_in: u64,
+        bytes_out: u64,
+        elapsed: Duration,
+    ) {
+        let method = method_label(method);
+        self.requests
+            .get_or_create(&RequestLabels {
+                method,
+                route,
+                status,
+            })
+            .inc();
+        self.durations
+            .get_or_create(&DurationLabels { method, route })
+            .observe(elapsed.as_secs_f64());
+        self.bytes_in.inc_by(bytes_in);
+        self.bytes_out.inc_by(bytes_out);
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// A method as a label: one of the six the gate serves, or `other`.
+pub fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::PATCH => "PATCH",
+        http::Method::DELETE => "DELETE",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_series() {
+        let m = Metrics::new();
+        m.observe(
+            &http::Method::GET,
+            "manifests",
+            200,
+            0,
+            512,
+            Duration::from_millis(3),
+        );
+        m.observe(
+            &http::Method::from_bytes(b"PROPFIND").expect("method"),
+            "other",
+            405,
+            0,
+            10,
+            Duration::ZERO,
+        );
+        m.auth_failures
+            .get_or_create(&ReasonLabels {
+                reason: "wrong_password",
+            })
+            .inc();
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"registry_gate_requests_total{method="GET",route="manifests",status="200"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"method="other""#), "{text}");
+        assert!(
+            text.contains("registry_gate_sent_bytes_total 522"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"registry_gate_auth_failures_total{reason="wrong_password"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("registry_gate_request_duration_seconds_bucket"),
+            "{text}"
+        );
+    }
+}
