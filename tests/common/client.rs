@@ -79,6 +79,41 @@ impl http_body::Body for UnsizedBody {
     // size_hint stays "unknown" on purpose: no Content-Length.
 }
 
+/// `len` bytes of `PseudoRandom::new(seed)`, made as they are sent (never held
+/// whole), with no Content-Length.
+pub fn generated(len: u64, seed: u64) -> ReqBody {
+    GeneratedBody {
+        source: super::PseudoRandom::new(seed),
+        left: len,
+    }
+    .boxed()
+}
+
+struct GeneratedBody {
+    source: super::PseudoRandom,
+    left: u64,
+}
+
+impl http_body::Body for GeneratedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if this.left == 0 {
+            return Poll::Ready(None);
+        }
+        let n = this.left.min(256 * 1024) as usize;
+        let mut chunk = vec![0u8; n];
+        this.source.fill(&mut chunk);
+        this.left -= n as u64;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
     Http1,
@@ -317,13 +352,13 @@ impl Client {
                 HeaderValue::from_str(&format!("localhost:{}", self.addr.port())).expect("host"),
             );
         }
-        if let Some(authorization) = &self.authorization {
-            if !map.contains_key(AUTHORIZATION) {
-                map.insert(
-                    AUTHORIZATION,
-                    HeaderValue::from_str(authorization).expect("authorization"),
-                );
-            }
+        if let Some(authorization) = &self.authorization
+            && !map.contains_key(AUTHORIZATION)
+        {
+            map.insert(
+                AUTHORIZATION,
+                HeaderValue::from_str(authorization).expect("authorization"),
+            );
         }
         request
     }

@@ -28,6 +28,12 @@ pub struct GateOptions {
     pub extra_auth: String,
     /// Whole tables appended at the end.
     pub extra_tables: String,
+    pub handshake_timeout_secs: u64,
+    /// Lines added inside `[server]`.
+    pub extra_server: String,
+    /// When set, a `[storage]` table with these lines (`root = …`, `delete = …`) is
+    /// written instead of `[upstream]`: the built-in registry ("all-in-one").
+    pub storage: Option<String>,
 }
 
 impl GateOptions {
@@ -42,6 +48,9 @@ impl GateOptions {
             extra_upstream: String::new(),
             extra_auth: String::new(),
             extra_tables: String::new(),
+            handshake_timeout_secs: 10,
+            extra_server: String::new(),
+            storage: None,
         }
     }
 }
@@ -119,16 +128,23 @@ impl Gate {
             ),
             None => String::new(),
         };
+        let backend = match &options.storage {
+            Some(lines) => format!("[storage]\n{lines}\n"),
+            None => format!(
+                "[upstream]\nurl = {:?}\n{}\n",
+                options.upstream_url, options.extra_upstream
+            ),
+        };
         let toml = format!(
             "listen = \"127.0.0.1:0\"\n\
              {public_url}\
              watch_interval_ms = {watch}\n\
              {extra_top}\n\
              [log]\nformat = \"text\"\nlevel = \"info\"\n\n\
-             [tls]\ncertificate = {cert:?}\nprivate_key = {key:?}\nhandshake_timeout_secs = 10\n\n\
+             [tls]\ncertificate = {cert:?}\nprivate_key = {key:?}\nhandshake_timeout_secs = {handshake}\n\n\
              [auth]\nhtpasswd = {htpasswd:?}\ngroups = {groups:?}\npush_group = \"pusher\"\n{extra_auth}\n\
-             [upstream]\nurl = {upstream:?}\n{extra_upstream}\n\
-             [server]\nshutdown_grace_secs = 5\n\n\
+             {backend}\
+             [server]\nshutdown_grace_secs = 5\n{extra_server}\n\
              {extra_tables}",
             watch = options.watch_interval_ms,
             extra_top = options.extra_top_level,
@@ -136,10 +152,10 @@ impl Gate {
             key = files.private_key,
             htpasswd = files.htpasswd,
             groups = files.groups,
-            upstream = options.upstream_url,
-            extra_upstream = options.extra_upstream,
             extra_auth = options.extra_auth,
             extra_tables = options.extra_tables,
+            handshake = options.handshake_timeout_secs,
+            extra_server = options.extra_server,
         );
         std::fs::write(&files.config, toml).expect("write config");
         let config = Config::load(&files.config).unwrap_or_else(|e| panic!("config refused: {e}"));
@@ -170,6 +186,13 @@ impl Gate {
     /// `localhost:PORT`, as in image references.
     pub fn authority(&self) -> String {
         format!("localhost:{}", self.addr.port())
+    }
+
+    /// Resolve the shutdown future without waiting for `serve` to return.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
     }
 
     /// Resolve the shutdown future and wait for `serve` to return; fails the test

@@ -22,6 +22,7 @@ use super::sha256_digest;
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
 /// How blob bytes travel to the registry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +63,16 @@ impl PushedImage {
 /// each diff_id is the layer's digest).
 pub fn config_and_manifest(layers: &[Vec<u8>]) -> (Vec<u8>, Vec<u8>) {
     let diff_ids: Vec<String> = layers.iter().map(|l| sha256_digest(l)).collect();
+    config_and_manifest_with(layers, &diff_ids, OCI_LAYER)
+}
+
+/// The image config and the OCI manifest for layer blobs of `media_type` whose
+/// uncompressed digests are `diff_ids`.
+pub fn config_and_manifest_with(
+    blobs: &[Vec<u8>],
+    diff_ids: &[String],
+    media_type: &str,
+) -> (Vec<u8>, Vec<u8>) {
     let config = serde_json::to_vec(&json!({
         "architecture": "amd64",
         "os": "linux",
@@ -77,8 +88,8 @@ pub fn config_and_manifest(layers: &[Vec<u8>]) -> (Vec<u8>, Vec<u8>) {
             "digest": sha256_digest(&config),
             "size": config.len(),
         },
-        "layers": layers.iter().map(|l| json!({
-            "mediaType": OCI_LAYER,
+        "layers": blobs.iter().map(|l| json!({
+            "mediaType": media_type,
             "digest": sha256_digest(l),
             "size": l.len(),
         })).collect::<Vec<_>>(),
@@ -154,10 +165,10 @@ pub fn location_on_gate(client: &Client, resp: &Resp, what: &str) -> String {
         format!("https://localhost:{port}"),
         format!("https://127.0.0.1:{port}"),
     ] {
-        if let Some(rest) = location.strip_prefix(&base) {
-            if rest.starts_with('/') {
-                return rest.to_owned();
-            }
+        if let Some(rest) = location.strip_prefix(&base)
+            && rest.starts_with('/')
+        {
+            return rest.to_owned();
         }
     }
     panic!("{what}: Location {location:?} does not point at the gate (port {port})");
@@ -211,10 +222,7 @@ pub async fn upload_blob(client: &Client, repo: &str, data: &[u8], mode: UploadM
             empty()
         }
         UploadMode::Streamed => {
-            let chunks = data
-                .chunks(64 * 1024)
-                .map(Bytes::copy_from_slice)
-                .collect();
+            let chunks = data.chunks(64 * 1024).map(Bytes::copy_from_slice).collect();
             let resp = client
                 .request(
                     "PATCH",
@@ -250,6 +258,19 @@ pub async fn upload_blob(client: &Client, repo: &str, data: &[u8], mode: UploadM
     );
     location_on_gate(client, &resp, "PUT blob");
     digest
+}
+
+/// `GET /v2/<repo>/manifests/<reference>` accepting OCI image manifests (the
+/// registry answers 404 to a client that does not say it accepts them).
+pub async fn get_manifest(client: &Client, repo: &str, reference: &str) -> Resp {
+    client
+        .request(
+            "GET",
+            &format!("/v2/{repo}/manifests/{reference}"),
+            &[("accept", OCI_MANIFEST)],
+            empty(),
+        )
+        .await
 }
 
 /// Pull the manifest by `reference` (tag or digest) and every blob it names,
@@ -331,15 +352,59 @@ pub fn tar_layer(files: &[(&str, &[u8])]) -> Vec<u8> {
     out
 }
 
+/// `data` in the gzip format, in stored (uncompressed) deflate blocks: enough for
+/// registry clients to see a compressed layer and pass it through unchanged.
+pub fn gzip_stored(data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+    let mut blocks = data.chunks(65_535).peekable();
+    if blocks.peek().is_none() {
+        out.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
+    }
+    while let Some(block) = blocks.next() {
+        let last = u8::from(blocks.peek().is_none());
+        let len = block.len() as u16;
+        out.push(last);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(block);
+    }
+    out.extend_from_slice(&crc32(data).to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let table: Vec<u32> = (0..256u32)
+        .map(|mut c| {
+            for _ in 0..8 {
+                c = if c & 1 == 1 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+            c
+        })
+        .collect();
+    !data.iter().fold(!0u32, |crc, &b| {
+        table[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8)
+    })
+}
+
 /// What `write_oci_layout` wrote.
 pub struct OciLayout {
     pub manifest_digest: String,
     pub config_digest: String,
+    /// Digests of the gzip-compressed layer blobs.
     pub layer_digests: Vec<String>,
+    /// The compressed layer blobs themselves.
+    pub layer_blobs: Vec<Vec<u8>>,
 }
 
 /// An OCI image layout in `dir` holding one image tagged `tag`, as
-/// `skopeo copy oci:DIR:TAG …` reads it.
+/// `skopeo copy oci:DIR:TAG …` reads it. `layers` are uncompressed tar archives;
+/// they are stored gzip-compressed (`tar+gzip`), as skopeo would otherwise
+/// compress them on the way and the digests pushed would not be these.
 pub fn write_oci_layout(dir: &Path, tag: &str, layers: &[Vec<u8>]) -> OciLayout {
     let blobs = dir.join("blobs").join("sha256");
     std::fs::create_dir_all(&blobs).expect("create blobs directory");
@@ -349,15 +414,14 @@ pub fn write_oci_layout(dir: &Path, tag: &str, layers: &[Vec<u8>]) -> OciLayout 
         std::fs::write(blobs.join(hex), data).expect("write blob");
         digest
     };
-    let (config, manifest) = config_and_manifest(layers);
+    let diff_ids: Vec<String> = layers.iter().map(|l| sha256_digest(l)).collect();
+    let layer_blobs: Vec<Vec<u8>> = layers.iter().map(|l| gzip_stored(l)).collect();
+    let (config, manifest) = config_and_manifest_with(&layer_blobs, &diff_ids, OCI_LAYER_GZIP);
     let config_digest = write_blob(&config);
-    let layer_digests = layers.iter().map(|l| write_blob(l)).collect();
+    let layer_digests = layer_blobs.iter().map(|l| write_blob(l)).collect();
     let manifest_digest = write_blob(&manifest);
-    std::fs::write(
-        dir.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .expect("write oci-layout");
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)
+        .expect("write oci-layout");
     let index = json!({
         "schemaVersion": 2,
         "manifests": [{
@@ -376,5 +440,6 @@ pub fn write_oci_layout(dir: &Path, tag: &str, layers: &[Vec<u8>]) -> OciLayout 
         manifest_digest,
         config_digest,
         layer_digests,
+        layer_blobs,
     }
 }

@@ -7,14 +7,22 @@
 //! * `client`   — an HTTPS client (hyper 1, HTTP/1.1 and HTTP/2) trusting the test CA
 //! * `image`    — the one helper that pushes a whole OCI image, and the one that pulls it
 //! * `skopeo`   — running the real skopeo against the gate
+//! * `registry` — the gate with its built-in registry (all-in-one), in process or as
+//!   the real binary, and what the registry tests need around it
 //!
 //! `Stack` puts them together: the usual arrangement of one test.
 #![allow(dead_code)]
 
 pub mod client;
+pub mod containerd;
+pub mod daemon;
+pub mod docker;
 pub mod gate;
 pub mod image;
+pub mod oras;
 pub mod pki;
+pub mod podman;
+pub mod registry;
 pub mod skopeo;
 pub mod upstream;
 
@@ -61,6 +69,11 @@ pub struct StackOptions {
     pub public_url: Option<String>,
     /// TOML inserted before the first table of the gate's config.
     pub extra_top_level: String,
+    /// How often the gate checks its files for changes.
+    pub watch_interval_ms: u64,
+    pub handshake_timeout_secs: u64,
+    /// Lines added inside the gate's `[server]` table.
+    pub extra_server: String,
 }
 
 impl Default for StackOptions {
@@ -71,6 +84,9 @@ impl Default for StackOptions {
             upstream: UpstreamOptions::default(),
             public_url: None,
             extra_top_level: String::new(),
+            watch_interval_ms: WATCH_INTERVAL_MS,
+            handshake_timeout_secs: 10,
+            extra_server: String::new(),
         }
     }
 }
@@ -86,7 +102,11 @@ impl Stack {
             .prefix("registry-gate-test")
             .tempdir()
             .expect("create a temporary directory");
-        let ca = Ca::new(&dir.path().join("ca"), "registry-gate test CA", options.key_alg);
+        let ca = Ca::new(
+            &dir.path().join("ca"),
+            "registry-gate test CA",
+            options.key_alg,
+        );
         let leaf = ca.issue("localhost", options.key_alg, options.key_encoding);
         let upstream = Upstream::start(&dir.path().join("upstream"), options.upstream);
         let gate = Gate::start(
@@ -95,6 +115,9 @@ impl Stack {
                 upstream_url: upstream.url(),
                 public_url: options.public_url,
                 extra_top_level: options.extra_top_level,
+                watch_interval_ms: options.watch_interval_ms,
+                handshake_timeout_secs: options.handshake_timeout_secs,
+                extra_server: options.extra_server,
                 ..GateOptions::new(&leaf)
             },
         )
@@ -136,6 +159,7 @@ pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_test_writer()
+        .with_ansi(false)
         .try_init();
 }
 
@@ -151,16 +175,32 @@ pub fn hex(bytes: &[u8]) -> String {
 /// Deterministic pseudo-random bytes (xorshift), cheap enough for 64 MiB in a
 /// debug build; `seed` makes different layers differ.
 pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
+    let mut out = vec![0u8; len];
+    PseudoRandom::new(seed).fill(&mut out);
     out
+}
+
+/// The stream behind `pseudo_random_bytes`, for data too large to hold: filling
+/// consecutive buffers whose lengths are multiples of 8 gives the same bytes.
+pub struct PseudoRandom {
+    state: u64,
+}
+
+impl PseudoRandom {
+    pub fn new(seed: u64) -> PseudoRandom {
+        PseudoRandom {
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        }
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.state ^= self.state << 13;
+            self.state ^= self.state >> 7;
+            self.state ^= self.state << 17;
+            chunk.copy_from_slice(&self.state.to_le_bytes()[..chunk.len()]);
+        }
+    }
 }
 
 /// Poll `probe` until it yields `Some`, failing the test with `what` after `DEADLINE`.

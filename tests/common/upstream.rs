@@ -105,7 +105,10 @@ impl Upstream {
     fn wait_until_ready(&mut self) {
         let start = Instant::now();
         loop {
-            let exited = self.child.as_mut().and_then(|child| child.try_wait().ok().flatten());
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
             if let Some(status) = exited {
                 panic!(
                     "docker-registry exited with {status} while starting; its log:\n{}",

@@ -1,0 +1,256 @@
+//! The `registry-gate` binary itself, as an operator runs it: `serve` on a port of
+//! its configuration, a push and a pull through it, SIGTERM while a download is in
+//! flight (the download finishes, the process exits 0), no secret in its output;
+//! and `check-config` on good and bad files.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine as _;
+use http_body_util::BodyExt as _;
+
+use common::client::{Client, empty};
+use common::image::{UploadMode, pull_and_verify, push_image, upload_blob};
+use common::upstream::free_loopback_port;
+use common::{PUSHER, Stack, command, eventually, pseudo_random_bytes};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_registry-gate");
+
+/// The stack's gate configuration, listening on `listen` instead of port 0, with
+/// `extra_upstream` lines added to `[upstream]`.
+fn config_for_binary(stack: &Stack, listen: std::net::SocketAddr, extra_upstream: &str) -> String {
+    let config = std::fs::read_to_string(&stack.gate.files.config).expect("read config");
+    assert!(config.contains("listen = \"127.0.0.1:0\""), "{config}");
+    config
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{listen}\""),
+        )
+        .replace("[upstream]\n", &format!("[upstream]\n{extra_upstream}"))
+}
+
+struct Running {
+    child: Option<Child>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_and_exits_0_on_sigterm_after_draining() {
+    let stack = Stack::start().await;
+    let listen = free_loopback_port();
+    let config = stack.path("binary.toml");
+    std::fs::write(&config, config_for_binary(&stack, listen, "")).expect("write config");
+    let log = stack.path("binary.log");
+    let log_file = std::fs::File::create(&log).expect("create log");
+    let child = Command::new(BINARY)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().expect("clone log"))
+        .stderr(log_file)
+        .spawn()
+        .expect("start registry-gate serve");
+    let mut running = Running { child: Some(child) };
+    let pid = running.child.as_ref().expect("child").id();
+
+    let client = Client::new(listen, &[&stack.ca.cert]);
+    eventually("the binary to accept TLS connections", || async {
+        client.try_peer_certificate().await.ok()
+    })
+    .await;
+    let pusher = client.with_basic(PUSHER.0, PUSHER.1);
+    let image = push_image(
+        &pusher,
+        "binary/app",
+        "v1",
+        &[
+            pseudo_random_bytes(10_000, 1),
+            pseudo_random_bytes(20_000, 2),
+        ],
+        UploadMode::Chunked(4096),
+    )
+    .await;
+    pull_and_verify(&client, "binary/app", "v1", &image).await;
+
+    // A download in flight when SIGTERM arrives.
+    let blob = pseudo_random_bytes(8 * 1024 * 1024 + 1, 3);
+    let digest = upload_blob(&pusher, "binary/app", &blob, UploadMode::Monolithic).await;
+    let response = client
+        .send(
+            "GET",
+            &format!("/v2/binary/app/blobs/{digest}"),
+            &[],
+            empty(),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut received = Vec::new();
+    while received.len() < 256 * 1024 {
+        let frame = tokio::time::timeout(Duration::from_secs(60), body.frame())
+            .await
+            .expect("download stalled")
+            .expect("download ended early")
+            .expect("download failed");
+        if let Ok(data) = frame.into_data() {
+            received.extend_from_slice(&data);
+        }
+    }
+    let status = command("kill", "procps")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(60), body.frame())
+        .await
+        .expect("the download stalled after SIGTERM")
+    {
+        let frame = frame.unwrap_or_else(|e| panic!("SIGTERM cut the download: {e}"));
+        if let Ok(data) = frame.into_data() {
+            received.extend_from_slice(&data);
+        }
+    }
+    assert_eq!(received.len(), blob.len());
+    assert_eq!(common::sha256_digest(&received), digest);
+
+    let mut child = running.child.take().expect("child");
+    let exit = tokio::task::spawn_blocking(move || {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return Some(status);
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .expect("wait task");
+    let output = std::fs::read_to_string(&log).expect("read log");
+    let status = exit.unwrap_or_else(|| panic!("no exit within 60 s of SIGTERM:\n{output}"));
+    assert!(
+        status.success(),
+        "exit status after SIGTERM: {status}\n{output}"
+    );
+    assert!(
+        output.contains("binary/app"),
+        "the binary should log its requests:\n{output}"
+    );
+    let encoded =
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", PUSHER.0, PUSHER.1));
+    for secret in [PUSHER.1, encoded.as_str()] {
+        assert!(
+            !output.contains(secret),
+            "a secret ({secret}) is in the gate's output:\n{output}"
+        );
+    }
+    assert!(
+        !output.to_lowercase().contains("authorization: basic"),
+        "an Authorization header is in the gate's output:\n{output}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_prints_the_effective_configuration_and_refuses_typos() {
+    let stack = Stack::start().await;
+    let listen = free_loopback_port();
+    let good = stack.path("check.toml");
+    std::fs::write(
+        &good,
+        config_for_binary(
+            &stack,
+            listen,
+            "username = \"gate-service\"\npassword = \"upstream-secret-xyz\"\n",
+        ),
+    )
+    .expect("write config");
+    let output = Command::new(BINARY)
+        .args(["check-config", "--config"])
+        .arg(&good)
+        .output()
+        .expect("run check-config");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&stack.upstream.url()),
+        "the effective configuration names the upstream:\n{stdout}"
+    );
+    assert!(stdout.contains(&listen.to_string()), "{stdout}");
+    assert!(
+        !stdout.contains("upstream-secret-xyz") && !stderr.contains("upstream-secret-xyz"),
+        "check-config printed the upstream password:\n{stdout}{stderr}"
+    );
+
+    for (what, text, key) in [
+        (
+            "a misspelt key",
+            std::fs::read_to_string(&good)
+                .expect("read")
+                .replace("push_group", "push_gruop"),
+            "push_gruop",
+        ),
+        (
+            "a missing htpasswd file",
+            std::fs::read_to_string(&good)
+                .expect("read")
+                .replace("httpd.htpasswd", "missing.htpasswd"),
+            "auth.htpasswd",
+        ),
+    ] {
+        let bad = stack.path("bad.toml");
+        std::fs::write(&bad, text).expect("write bad config");
+        let output = Command::new(BINARY)
+            .args(["check-config", "--config"])
+            .arg(&bad)
+            .output()
+            .expect("run check-config");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{what} was accepted");
+        assert!(
+            stderr.contains(key),
+            "{what}: the message names {key}: {stderr}"
+        );
+        // And `serve` refuses it before listening (and does not keep running).
+        let mut child = Command::new(BINARY)
+            .args(["serve", "--config"])
+            .arg(&bad)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run serve");
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break Some(status);
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            matches!(status, Some(s) if !s.success()),
+            "serve with {what}: {status:?} (None: still running after 30 s)"
+        );
+    }
+    stack.gate.stop().await;
+}
