@@ -74,6 +74,10 @@ pub struct StackOptions {
     pub handshake_timeout_secs: u64,
     /// Lines added inside the gate's `[server]` table.
     pub extra_server: String,
+    /// Lines added inside the gate's `[auth]` table.
+    pub extra_auth: String,
+    /// Whole tables appended to the gate's config (`[token]`, `[[rules]]`, `[admin]`).
+    pub extra_tables: String,
 }
 
 impl Default for StackOptions {
@@ -87,6 +91,8 @@ impl Default for StackOptions {
             watch_interval_ms: WATCH_INTERVAL_MS,
             handshake_timeout_secs: 10,
             extra_server: String::new(),
+            extra_auth: String::new(),
+            extra_tables: String::new(),
         }
     }
 }
@@ -118,6 +124,8 @@ impl Stack {
                 watch_interval_ms: options.watch_interval_ms,
                 handshake_timeout_secs: options.handshake_timeout_secs,
                 extra_server: options.extra_server,
+                extra_auth: options.extra_auth,
+                extra_tables: options.extra_tables,
                 ..GateOptions::new(&leaf)
             },
         )
