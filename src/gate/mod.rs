@@ -15,17 +15,18 @@
 //! 5. `Docker-Distribution-Api-Version` set exactly once, `X-Request-Id`, and the
 //!    access log line when the response body has been sent.
 
+mod access;
 mod catalog;
 mod page;
 mod token_endpoint;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
 use crate::auth::policy::{Action, Caller, Policy};
@@ -34,10 +35,11 @@ use crate::auth::{
     Authenticator, CredentialError, Credentials, Identity, PasswordCheck, parse_authorization,
 };
 use crate::backend::{Backend, RequestContext};
-use crate::body::{self, Body, Counted, OnEnd};
+use crate::body::{self, Body, Counted};
 use crate::error::{ErrorCode, OciError};
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::route::{self, RepoName, Route, RouteError};
+use access::{AccessLog, finish, printable, request_id};
 
 /// Methods the registry API uses; everything else is refused before routing.
 const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE";
@@ -590,83 +592,6 @@ fn close_if_body<B>(req: &Request<B>, mut resp: Response<Body>) -> Response<Body
     resp
 }
 
-/// A value safe to put in a log line: control characters escaped, length bounded.
-fn printable(s: &str) -> String {
-    let mut out: String = s.chars().take(128).flat_map(char::escape_default).collect();
-    if s.chars().count() > 128 {
-        out.push('…');
-    }
-    out
-}
-
-fn request_id() -> String {
-    let bytes: [u8; 8] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Everything the access line reports; written when the response body ends.
-struct AccessLog {
-    id: String,
-    peer: SocketAddr,
-    method: Method,
-    family: &'static str,
-    metrics: Arc<Metrics>,
-    path: String,
-    version: Version,
-    user: String,
-    status: u16,
-    bytes_in: Arc<AtomicU64>,
-    bytes_out: Arc<AtomicU64>,
-    started: Instant,
-}
-
-impl OnEnd for AccessLog {
-    fn ended(&mut self, complete: bool) {
-        let (bytes_in, bytes_out) = (
-            self.bytes_in.load(Ordering::Relaxed),
-            self.bytes_out.load(Ordering::Relaxed),
-        );
-        self.metrics.observe(
-            &self.method,
-            self.family,
-            self.status,
-            bytes_in,
-            bytes_out,
-            self.started.elapsed(),
-        );
-        tracing::info!(
-            target: "registry_gate::access",
-            id = %self.id,
-            peer = %self.peer,
-            method = %printable(self.method.as_str()),
-            path = %printable(&self.path),
-            version = ?self.version,
-            status = self.status,
-            user = %printable(&self.user),
-            bytes_in,
-            bytes_out,
-            ms = self.started.elapsed().as_millis() as u64,
-            complete,
-        );
-    }
-}
-
-/// Step 5: headers every response carries, and the access log on the body's end.
-fn finish(resp: Response<Body>, mut log: AccessLog) -> Response<Body> {
-    let (mut parts, body) = resp.into_parts();
-    parts.headers.insert(
-        crate::API_VERSION_HEADER,
-        HeaderValue::from_static(crate::API_VERSION),
-    );
-    if let Ok(v) = HeaderValue::from_str(&log.id) {
-        parts.headers.insert("x-request-id", v);
-    }
-    log.status = parts.status.as_u16();
-    let counter = log.bytes_out.clone();
-    let body = body::boxed(Counted::new(body, counter, Some(Box::new(log))));
-    Response::from_parts(parts, body)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -689,11 +614,5 @@ mod tests {
         assert!(request_host(&req("a b")).is_err());
         let none = Request::builder().uri("/v2/").body(()).expect("req");
         assert!(request_host(&none).is_err());
-    }
-
-    #[test]
-    fn printable_escapes() {
-        assert_eq!(printable("a\nb"), "a\\nb");
-        assert!(printable(&"x".repeat(500)).ends_with('…'));
     }
 }

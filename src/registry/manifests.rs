@@ -141,7 +141,7 @@ struct References {
 }
 
 /// Check a manifest's JSON against its media type; return what it references.
-fn validate(json: &Value, content_type: &str) -> Result<References, Failure> {
+pub(super) fn validate(json: &Value, content_type: &str) -> Result<References, Failure> {
     if !json.is_object() {
         return Err(invalid("a manifest is a JSON object"));
     }

@@ -305,3 +305,28 @@ fn header_value(value: &str) -> Result<HeaderValue, Failure> {
     HeaderValue::from_str(value)
         .map_err(|_| OciError::new(ErrorCode::Unknown, "cannot build a header").into())
 }
+
+/// The registry's parsers of untrusted bytes that are otherwise private, for the fuzz
+/// targets in `fuzz/`. Not an API: nothing in the gate calls them.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::blobs::{RangeRequest, parse_range};
+
+    /// An upload chunk's `Content-Range`: `Ok(None)` when absent, `Err` when malformed.
+    pub fn content_range(value: &[u8]) -> Result<Option<(u64, u64)>, ()> {
+        let Ok(value) = http::HeaderValue::from_bytes(value) else {
+            return Err(());
+        };
+        let mut req = http::Request::new(crate::body::empty());
+        req.headers_mut().insert(http::header::CONTENT_RANGE, value);
+        super::uploads::content_range(&req).map_err(|_| ())
+    }
+
+    /// Whether a manifest PUT with this body and `Content-Type` passes validation (the
+    /// JSON parse and the shape check, before anything touches storage).
+    pub fn validate_manifest(body: &[u8], content_type: &str) -> bool {
+        serde_json::from_slice(body)
+            .ok()
+            .is_some_and(|json| super::manifests::validate(&json, content_type).is_ok())
+    }
+}

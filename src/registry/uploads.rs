@@ -187,7 +187,7 @@ pub async fn cancel(reg: &Registry, repo: &RepoName, id: &UploadId) -> Handled {
 }
 
 /// `Content-Range: <start>-<end>` (the spec's form; a `bytes ` prefix is tolerated).
-fn content_range(req: &Request<Body>) -> Result<Option<(u64, u64)>, Failure> {
+pub(super) fn content_range(req: &Request<Body>) -> Result<Option<(u64, u64)>, Failure> {
     let Some(v) = req.headers().get(header::CONTENT_RANGE) else {
         return Ok(None);
     };

@@ -1,0 +1,102 @@
+//! Step 5 of the pipeline: the headers every response carries, and the access log
+//! line (plus metrics), written when the response body has been sent — so it reports
+//! what really went over the wire.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use http::header::HeaderValue;
+use http::{Method, Response, Version};
+
+use crate::body::{self, Body, Counted, OnEnd};
+use crate::metrics::Metrics;
+
+/// A value safe to put in a log line: control characters escaped, length bounded.
+pub(super) fn printable(s: &str) -> String {
+    let mut out: String = s.chars().take(128).flat_map(char::escape_default).collect();
+    if s.chars().count() > 128 {
+        out.push('…');
+    }
+    out
+}
+
+pub(super) fn request_id() -> String {
+    let bytes: [u8; 8] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Everything the access line reports; written when the response body ends.
+pub(super) struct AccessLog {
+    pub(super) id: String,
+    pub(super) peer: SocketAddr,
+    pub(super) method: Method,
+    pub(super) family: &'static str,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) path: String,
+    pub(super) version: Version,
+    pub(super) user: String,
+    pub(super) status: u16,
+    pub(super) bytes_in: Arc<AtomicU64>,
+    pub(super) bytes_out: Arc<AtomicU64>,
+    pub(super) started: Instant,
+}
+
+impl OnEnd for AccessLog {
+    fn ended(&mut self, complete: bool) {
+        let (bytes_in, bytes_out) = (
+            self.bytes_in.load(Ordering::Relaxed),
+            self.bytes_out.load(Ordering::Relaxed),
+        );
+        self.metrics.observe(
+            &self.method,
+            self.family,
+            self.status,
+            bytes_in,
+            bytes_out,
+            self.started.elapsed(),
+        );
+        tracing::info!(
+            target: "registry_gate::access",
+            id = %self.id,
+            peer = %self.peer,
+            method = %printable(self.method.as_str()),
+            path = %printable(&self.path),
+            version = ?self.version,
+            status = self.status,
+            user = %printable(&self.user),
+            bytes_in,
+            bytes_out,
+            ms = self.started.elapsed().as_millis() as u64,
+            complete,
+        );
+    }
+}
+
+/// Step 5: headers every response carries, and the access log on the body's end.
+pub(super) fn finish(resp: Response<Body>, mut log: AccessLog) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    parts.headers.insert(
+        crate::API_VERSION_HEADER,
+        HeaderValue::from_static(crate::API_VERSION),
+    );
+    if let Ok(v) = HeaderValue::from_str(&log.id) {
+        parts.headers.insert("x-request-id", v);
+    }
+    log.status = parts.status.as_u16();
+    let counter = log.bytes_out.clone();
+    let body = body::boxed(Counted::new(body, counter, Some(Box::new(log))));
+    Response::from_parts(parts, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes() {
+        assert_eq!(printable("a\nb"), "a\\nb");
+        assert!(printable(&"x".repeat(500)).ends_with('…'));
+    }
+}
