@@ -6,55 +6,32 @@ mod common;
 
 use base64::Engine as _;
 use common::client::{Client, Resp, empty, full};
-use common::gate::{Gate, GateOptions};
 use common::image::{UploadMode, pull_and_verify, push_image};
-use common::pki::{Ca, KeyAlg, KeyEncoding};
-use common::upstream::{Upstream, UpstreamOptions};
-use common::{PUSHER, VIEWER, pseudo_random_bytes};
+use common::{PUSHER, Stack, StackOptions, VIEWER, pseudo_random_bytes};
 use registry_gate::auth::token::{Access, TokenKey, new_claims, now_secs};
 
 /// A gate in front of a registry with extra `[auth]` lines and extra tables.
 struct Setup {
-    _dir: tempfile::TempDir,
-    ca: Ca,
-    _upstream: Upstream,
-    gate: Gate,
+    stack: Stack,
 }
 
 impl Setup {
     async fn start(extra_auth: &str, extra_tables: &str) -> Setup {
-        common::init_tracing();
-        let dir = tempfile::Builder::new()
-            .prefix("registry-gate-tokens")
-            .tempdir()
-            .expect("tempdir");
-        let ca = Ca::new(&dir.path().join("ca"), "token test CA", KeyAlg::EcP256);
-        let leaf = ca.issue("localhost", KeyAlg::EcP256, KeyEncoding::Pkcs8);
-        let upstream = Upstream::start(&dir.path().join("upstream"), UpstreamOptions::default());
-        let gate = Gate::start(
-            &dir.path().join("gate"),
-            GateOptions {
-                upstream_url: upstream.url(),
-                extra_auth: extra_auth.to_owned(),
-                extra_tables: extra_tables.to_owned(),
-                ..GateOptions::new(&leaf)
-            },
-        )
+        let stack = Stack::start_with(StackOptions {
+            extra_auth: extra_auth.to_owned(),
+            extra_tables: extra_tables.to_owned(),
+            ..StackOptions::default()
+        })
         .await;
-        Setup {
-            _dir: dir,
-            ca,
-            _upstream: upstream,
-            gate,
-        }
+        Setup { stack }
     }
 
     fn client(&self) -> Client {
-        Client::new(self.gate.addr, &[&self.ca.cert])
+        self.stack.client()
     }
 
     fn service(&self) -> String {
-        self.gate.authority()
+        self.stack.gate.authority()
     }
 
     /// GET /token with optional Basic credentials and scopes; the whole answer.
