@@ -379,12 +379,27 @@ impl Config {
 
     /// Parse and validate TOML text; relative paths are resolved against `base`.
     pub fn from_str_at(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError> {
+        let config = Config::parse_at(text, path, base)?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Read and parse a configuration without checking the files it names (for
+    /// `registry-gate user add`, which creates the password files).
+    pub fn load_unchecked(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse_at(&text, path, path.parent().unwrap_or(Path::new(".")))
+    }
+
+    fn parse_at(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
         config.resolve_paths(base);
-        config.validate(path)?;
         Ok(config)
     }
 

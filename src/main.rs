@@ -182,7 +182,8 @@ fn user_files(files: &UserFiles) -> Result<(PathBuf, PathBuf), String> {
     if let (Some(h), Some(g)) = (&files.htpasswd, &files.groups) {
         return Ok((h.clone(), g.clone()));
     }
-    let config = Config::load(&files.config).map_err(|e| e.to_string())?;
+    // The files may not exist yet: `user add` creates them.
+    let config = Config::load_unchecked(&files.config).map_err(|e| e.to_string())?;
     let auth = config.auth.ok_or_else(|| {
         format!(
             "{} has no [auth] section; give --htpasswd and --groups",

@@ -234,7 +234,9 @@ pub async fn serve_with(
             a = listener.accept() => a,
         };
         let (tcp, peer) = match accepted {
-            Ok(x) => x,
+            // IPv4 clients of a `[::]` listener appear as ::ffff:a.b.c.d: log and
+            // throttle them by their IPv4 address.
+            Ok((tcp, peer)) => (tcp, SocketAddr::new(peer.ip().to_canonical(), peer.port())),
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::error!("accept failed: {e}");

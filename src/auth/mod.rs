@@ -353,21 +353,43 @@ impl Authenticator {
 /// One line per failed login, in a fixed shape for fail2ban:
 /// `auth failure: peer=1.2.3.4 user=mark reason=wrong password`.
 pub fn log_auth_failure(ip: IpAddr, user: &str, reason: &str) {
-    let user: String = user
-        .chars()
-        .take(128)
-        .flat_map(char::escape_default)
-        .collect();
+    let ip = ip.to_canonical();
+    let user = log_safe_user(user);
     tracing::warn!(
         target: "registry_gate::auth_failure",
         "auth failure: peer={ip} user={user} reason={reason}"
     );
 }
 
+/// A user name as it may appear in a log line a regex reads: characters outside
+/// `[A-Za-z0-9._@+-]` (spaces, `=`, quotes, control bytes) are written as `\u{..}`, so
+/// a name cannot forge another field; at most 128 characters.
+fn log_safe_user(user: &str) -> String {
+    let mut out = String::new();
+    for c in user.chars().take(128) {
+        if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | '+' | '-') {
+            out.push(c);
+        } else {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn user_names_cannot_forge_log_fields() {
+        assert_eq!(log_safe_user("mark"), "mark");
+        assert_eq!(
+            log_safe_user("a peer=1.2.3.4"),
+            "a\\u{20}peer\\u{3d}1.2.3.4"
+        );
+        assert_eq!(log_safe_user("x\ny"), "x\\u{a}y");
+    }
 
     fn headers(values: &[&str]) -> HeaderMap {
         let mut h = HeaderMap::new();

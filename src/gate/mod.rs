@@ -261,6 +261,9 @@ impl Gate {
     ) -> Result<Identity, Rejection> {
         match parse_authorization(req.headers()) {
             Ok(Credentials::None) => Ok(Identity::Anonymous),
+            // Without password files there are no accounts: saved credentials of a
+            // client mean nothing here, and must not stop it pulling.
+            Ok(Credentials::Basic { .. }) if self.auth.is_none() => Ok(Identity::Anonymous),
             Ok(Credentials::Basic { user, password }) => {
                 match self.check_password(peer, &user, &password).await {
                     PasswordCheck::Valid => Ok(Identity::User(user)),
@@ -324,9 +327,11 @@ impl Gate {
     async fn check_password(&self, peer: SocketAddr, user: &str, password: &[u8]) -> PasswordCheck {
         let check = match &self.auth {
             Some(auth) => auth.check_password(peer.ip(), user, password).await,
+            // No accounts at all: not a guessed password, so no failure line for
+            // fail2ban (a client with saved credentials would get itself banned).
             None => {
-                crate::auth::log_auth_failure(peer.ip(), user, "no password file configured");
-                PasswordCheck::Invalid
+                tracing::debug!(peer = %peer, "credentials sent to a gate without [auth]");
+                return PasswordCheck::Invalid;
             }
         };
         match check {

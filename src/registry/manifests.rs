@@ -134,7 +134,7 @@ fn descriptor_digest(desc: &Value, what: &str) -> Result<Digest, Failure> {
 }
 
 /// What a manifest needs to be present in its repository before it may be stored.
-struct References {
+pub(super) struct References {
     blobs: Vec<Digest>,
     manifests: Vec<Digest>,
     subject: Option<Digest>,

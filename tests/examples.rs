@@ -1,0 +1,274 @@
+//! The shipped configurations and deploy files are valid: every `examples/*.toml` and
+//! `deploy/container/*.toml` loads with `Config::load` and passes
+//! `registry-gate check-config`; the systemd unit passes `systemd-analyze verify`; the
+//! certbot deploy hook is quiet and exits 0 when the gate is not running.
+//!
+//! The example files point at `../certs-example/*.pem`, which are generated, never
+//! committed: each test copies what it needs into a temporary directory and makes the
+//! certificates there with `certs-example/make-certs.sh`, so the work tree stays clean.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use registry_gate::config::Config;
+
+const BIN: &str = env!("CARGO_BIN_EXE_registry-gate");
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Copy the regular files of `from` (not recursively) into `to`.
+fn copy_files(from: &Path, to: &Path) {
+    fs::create_dir_all(to).expect("create dir");
+    for entry in fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("dir entry");
+        if entry.file_type().expect("file type").is_file() {
+            fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+        }
+    }
+}
+
+/// A throw-away CA and localhost certificate in `dir`, made by the shipped script.
+fn make_certs(dir: &Path) {
+    let out = Command::new("bash")
+        .arg(repo().join("certs-example/make-certs.sh"))
+        .arg(dir)
+        .output()
+        .expect("run certs-example/make-certs.sh (needs bash and openssl)");
+    assert!(
+        out.status.success(),
+        "make-certs.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in ["fullchain.pem", "privkey.pem"] {
+        assert!(dir.join(f).is_file(), "make-certs.sh wrote no {f}");
+    }
+}
+
+fn check_config(file: &Path) -> Output {
+    Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(file)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run registry-gate check-config")
+}
+
+/// `Config::load` and `registry-gate check-config` both accept `file`.
+fn assert_valid(file: &Path) {
+    if let Err(e) = Config::load(file) {
+        panic!("{}: Config::load refused it: {e}", file.display());
+    }
+    let out = check_config(file);
+    assert!(
+        out.status.success(),
+        "registry-gate check-config --config {} exited {:?}:\n{}{}",
+        file.display(),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn tomls_in(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_example_loads_and_passes_check_config() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The same shape as the repository: examples/ beside certs-example/.
+    let examples = tmp.path().join("examples");
+    copy_files(&repo().join("examples"), &examples);
+    make_certs(&tmp.path().join("certs-example"));
+
+    let files = tomls_in(&examples);
+    let names: Vec<String> = files
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    for expected in [
+        "all-in-one.toml",
+        "front-local-registry.toml",
+        "read-only-mirror.toml",
+        "teams.toml",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "examples/{expected} is missing (have {names:?})"
+        );
+    }
+    for file in &files {
+        assert_valid(file);
+    }
+
+    // What each example promises, as the gate reads it.
+    let load = |name: &str| Config::load(&examples.join(name)).expect("load");
+    let mirror = load("read-only-mirror.toml");
+    assert!(mirror.auth.is_none(), "the read-only mirror has no users");
+    assert!(mirror.upstream.is_some() || mirror.storage.is_some());
+    let teams = load("teams.toml");
+    assert!(teams.auth.is_some(), "teams needs password files");
+    assert!(
+        teams.rules.len() >= 2,
+        "teams.toml shows per-repository [[rules]]"
+    );
+    assert!(load("all-in-one.toml").upstream.is_none());
+    assert!(load("front-local-registry.toml").upstream.is_some());
+}
+
+#[test]
+fn a_broken_example_is_refused_by_check_config() {
+    // The test above would be worthless if check-config accepted anything.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let examples = tmp.path().join("examples");
+    copy_files(&repo().join("examples"), &examples);
+    make_certs(&tmp.path().join("certs-example"));
+    let file = examples.join("all-in-one.toml");
+    let text = fs::read_to_string(&file).expect("read");
+    fs::write(&file, text.replace("push_group", "push_grup")).expect("write");
+    assert!(Config::load(&file).is_err());
+    let out = check_config(&file);
+    assert!(!out.status.success(), "a typo in a key must be an error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("push_grup"));
+}
+
+#[test]
+fn container_configs_pass_check_config_where_their_paths_exist() {
+    // deploy/container/*.toml name absolute paths inside the container; put the
+    // same files at temporary paths and check the rest as shipped.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let certs = tmp.path().join("letsencrypt/live/registry.example.org");
+    make_certs(&certs);
+    let etc = tmp.path().join("etc");
+    fs::create_dir_all(&etc).expect("mkdir");
+    for f in ["httpd.htpasswd", "httpd.groups"] {
+        fs::copy(repo().join("examples").join(f), etc.join(f)).expect("copy");
+    }
+    let data = tmp.path().join("data");
+    let files = tomls_in(&repo().join("deploy/container"));
+    assert!(
+        files.len() >= 2,
+        "deploy/container has the two compose setups"
+    );
+    for file in files {
+        let text = fs::read_to_string(&file).expect("read");
+        assert!(text.contains("/etc/letsencrypt/live/registry.example.org/"));
+        let text = text
+            .replace(
+                "/etc/letsencrypt/live/registry.example.org/",
+                &format!("{}/", certs.display()),
+            )
+            .replace(
+                "\"/var/lib/registry\"",
+                &format!("{:?}", data.display().to_string()),
+            );
+        let name = file.file_name().expect("file name");
+        let copy = etc.join(name);
+        fs::write(&copy, text).expect("write");
+        assert_valid(&copy);
+    }
+}
+
+#[test]
+fn systemd_unit_passes_systemd_analyze_verify() {
+    let analyze = Command::new("systemd-analyze").arg("--version").output();
+    assert!(
+        analyze.is_ok_and(|o| o.status.success()),
+        "systemd-analyze not found: apt-get install systemd"
+    );
+    // verify checks that ExecStart= names an executable: point it at the test build.
+    let unit = fs::read_to_string(repo().join("deploy/registry-gate.service")).expect("read");
+    assert!(unit.contains("ExecStart=/usr/local/bin/registry-gate serve"));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("registry-gate.service");
+    fs::write(&path, unit.replace("/usr/local/bin/registry-gate", BIN)).expect("write");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("run systemd-analyze verify");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed:\n{stderr}"
+    );
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("registry-gate.service"))
+        .collect();
+    assert!(
+        ours.is_empty(),
+        "systemd-analyze verify warns:\n{}",
+        ours.join("\n")
+    );
+}
+
+#[test]
+fn certbot_deploy_hook_is_quiet_and_exits_0_when_the_gate_is_not_running() {
+    let hook = repo().join("deploy/certbot-deploy-hook.sh");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let calls = tmp.path().join("calls");
+    // A systemctl that records its arguments; `is-active` answers $ACTIVE.
+    let fake = tmp.path().join("systemctl");
+    fs::write(
+        &fake,
+        "#!/bin/sh\necho \"$*\" >> \"$CALLS\"\ncase \"$1\" in\n  is-active) exit \"$ACTIVE\" ;;\n  reload) exit \"$RELOAD\" ;;\nesac\nexit 0\n",
+    )
+    .expect("write");
+    Command::new("chmod")
+        .arg("755")
+        .arg(&fake)
+        .status()
+        .expect("chmod");
+    let path = format!(
+        "{}:{}",
+        tmp.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let run = |active: &str, reload: &str| {
+        let _ = fs::remove_file(&calls);
+        let out = Command::new("sh")
+            .arg(&hook)
+            .env("PATH", &path)
+            .env("CALLS", &calls)
+            .env("ACTIVE", active)
+            .env("RELOAD", reload)
+            .env_remove("REGISTRY_GATE_UNIT")
+            .output()
+            .expect("run the hook");
+        let log = fs::read_to_string(&calls).unwrap_or_default();
+        (out, log)
+    };
+
+    // Not running: no reload, no output, exit 0.
+    let (out, log) = run("3", "0");
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty() && out.stderr.is_empty());
+    assert_eq!(log, "is-active --quiet registry-gate.service\n");
+
+    // Running: one reload, silently; again: the same (idempotent).
+    for _ in 0..2 {
+        let (out, log) = run("0", "0");
+        assert!(out.status.success());
+        assert!(out.stdout.is_empty() && out.stderr.is_empty());
+        assert_eq!(
+            log,
+            "is-active --quiet registry-gate.service\nreload registry-gate.service\n"
+        );
+    }
+
+    // Running but the reload fails: certbot is told.
+    let (out, _) = run("0", "1");
+    assert!(!out.status.success());
+    assert!(!out.stderr.is_empty());
+}
