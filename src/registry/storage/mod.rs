@@ -354,9 +354,16 @@ impl FsStorage {
 
     /// Every repository name, sorted. A repository is a directory with `_manifests`.
     pub fn list_repositories(&self) -> Result<Vec<String>> {
+        let mut out = self.repositories_with("_manifests")?;
+        out.sort();
+        Ok(out)
+    }
+
+    /// Names (valid repository names) of the directories under `repositories/` that
+    /// hold a `marker` sub-directory; directories starting with `_` are not entered.
+    fn repositories_with(&self, marker: &str) -> Result<Vec<String>> {
         let mut out = Vec::new();
-        let root = self.layout.repositories();
-        let mut stack = vec![(root.clone(), String::new())];
+        let mut stack = vec![(self.layout.repositories(), String::new())];
         while let Some((dir, name)) = stack.pop() {
             for child in list_dirs(self, &dir)? {
                 if child.starts_with('_') {
@@ -368,13 +375,12 @@ impl FsStorage {
                     format!("{name}/{child}")
                 };
                 let path = dir.join(&child);
-                if path.join("_manifests").is_dir() && RepoName::parse(&full).is_ok() {
+                if path.join(marker).is_dir() && RepoName::parse(&full).is_ok() {
                     out.push(full.clone());
                 }
                 stack.push((path, full));
             }
         }
-        out.sort();
         Ok(out)
     }
 
@@ -446,7 +452,7 @@ impl FsStorage {
     pub fn purge_uploads(&self, age: Duration) -> Result<usize> {
         let now = SystemTime::now();
         let mut removed = 0;
-        for name in self.list_repositories_with_uploads()? {
+        for name in self.repositories_with("_uploads")? {
             let Ok(repo) = RepoName::parse(&name) else {
                 continue;
             };
@@ -469,29 +475,6 @@ impl FsStorage {
         Ok(removed)
     }
 
-    fn list_repositories_with_uploads(&self) -> Result<Vec<String>> {
-        let mut out = Vec::new();
-        let mut stack = vec![(self.layout.repositories(), String::new())];
-        while let Some((dir, name)) = stack.pop() {
-            for child in list_dirs(self, &dir)? {
-                if child.starts_with('_') {
-                    continue;
-                }
-                let full = if name.is_empty() {
-                    child.clone()
-                } else {
-                    format!("{name}/{child}")
-                };
-                let path = dir.join(&child);
-                if path.join("_uploads").is_dir() {
-                    out.push(full.clone());
-                }
-                stack.push((path, full));
-            }
-        }
-        Ok(out)
-    }
-
     /// Whether files can be created in the storage (for `/readyz`).
     pub fn check_writable(&self) -> Result<()> {
         let probe = self.layout.repositories().join(".ready-probe");
@@ -512,7 +495,7 @@ impl FsStorage {
             }
         }
         let mut uploads = 0;
-        for name in self.list_repositories_with_uploads()? {
+        for name in self.repositories_with("_uploads")? {
             if let Ok(repo) = RepoName::parse(&name) {
                 uploads += list_dirs(self, &self.layout.uploads(&repo))?.len();
             }
