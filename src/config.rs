@@ -173,6 +173,9 @@ pub struct StorageConfig {
     /// Whether the scheduled collection also removes untagged manifests.
     #[serde(default)]
     pub gc_delete_untagged: bool,
+    /// Content touched this long before a collection started is kept as well.
+    #[serde(default = "default_gc_grace")]
+    pub gc_grace_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -234,6 +237,9 @@ fn default_realm() -> String {
 }
 fn default_cache_secs() -> u64 {
     300
+}
+fn default_gc_grace() -> u64 {
+    3600
 }
 fn default_purge_uploads() -> u64 {
     24 * 3600

@@ -43,6 +43,10 @@ enum Command {
         /// keeps), and then their blobs.
         #[arg(long)]
         delete_untagged: bool,
+        /// Keep content touched this many seconds before the collection started (a push
+        /// under way keeps the blobs it uploaded just before).
+        #[arg(long, default_value_t = 3600)]
+        grace_secs: u64,
     },
     /// Manage users in the htpasswd and group files (no apache2-utils needed).
     User {
@@ -137,6 +141,7 @@ fn run(cli: Cli) -> Result<(), String> {
             config,
             dry_run,
             delete_untagged,
+            grace_secs,
         } => {
             let loaded = Config::load(&config).map_err(|e| e.to_string())?;
             logging::init(&loaded.log);
@@ -151,6 +156,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let options = registry_gate::registry::gc::GcOptions {
                 dry_run,
                 delete_untagged,
+                grace: std::time::Duration::from_secs(grace_secs),
             };
             let report =
                 registry_gate::registry::gc::collect(&store, options).map_err(|e| e.to_string())?;

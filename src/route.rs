@@ -237,9 +237,7 @@ pub enum Reference {
 impl Reference {
     pub fn parse(s: &str) -> Result<Reference, RouteError> {
         if s.contains(':') {
-            return Digest::parse(s)
-                .map(Reference::Digest)
-                .map_err(|e| RouteError::ReferenceInvalid(e.to_string()));
+            return Digest::parse(s).map(Reference::Digest);
         }
         let b = s.as_bytes();
         let ok = !b.is_empty()

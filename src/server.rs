@@ -107,6 +107,7 @@ pub async fn serve_with(
                 background.push(registry.spawn_gc(
                     Duration::from_secs(storage.gc_interval_secs),
                     storage.gc_delete_untagged,
+                    Duration::from_secs(storage.gc_grace_secs),
                 ));
             }
             registry

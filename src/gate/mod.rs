@@ -170,7 +170,15 @@ impl Gate {
         peer: SocketAddr,
         id: &str,
     ) -> Result<Admitted, Rejection> {
-        let anon = |e: OciError| Rejection::new(e.into_response(), "-");
+        // A refusal leaves the body unread: HTTP/1 closes, so it is not read as a request.
+        let unread_body = has_body(&req) && req.version() < Version::HTTP_2;
+        let anon = |e: OciError| Rejection::new(close_if(unread_body, e.into_response()), "-");
+        // Reads carry no body: a request hidden in one never reaches the upstream.
+        if matches!(*req.method(), http::Method::GET | http::Method::HEAD) && has_body(&req) {
+            return Err(anon(bad_request(
+                "a GET or HEAD request must not have a body",
+            )));
+        }
         // An absolute-form target (`GET http://other/ HTTP/1.1`) is a proxy request.
         if req.version() < Version::HTTP_2 && req.uri().authority().is_some() {
             return Err(anon(bad_request(
@@ -584,17 +592,25 @@ fn bad_request(message: &str) -> OciError {
 
 /// A refused request whose body was never read: ask HTTP/1 clients to close, so the
 /// unread body is not taken for the next request.
-fn close_if_body<B>(req: &Request<B>, mut resp: Response<Body>) -> Response<Body> {
-    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
-        || req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0");
-    if has_body && req.version() < Version::HTTP_2 {
+fn close_if_body<B>(req: &Request<B>, resp: Response<Body>) -> Response<Body> {
+    close_if(has_body(req) && req.version() < Version::HTTP_2, resp)
+}
+
+fn close_if(close: bool, mut resp: Response<Body>) -> Response<Body> {
+    if close {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
+}
+
+/// Whether the request announces a body (chunked, or a non-zero Content-Length).
+fn has_body<B>(req: &Request<B>) -> bool {
+    req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
 }
 
 #[cfg(test)]

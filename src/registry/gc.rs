@@ -30,7 +30,14 @@ pub struct GcOptions {
     pub dry_run: bool,
     /// Also remove manifests no tag reaches (and then their blobs).
     pub delete_untagged: bool,
+    /// Content touched less than this long before the collection started is kept too:
+    /// a push that uploaded its blobs just before and sends its manifest during the
+    /// collection still finds them.
+    pub grace: std::time::Duration,
 }
+
+/// The grace period used unless told otherwise.
+pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// What a collection did (or, dry, would do).
 #[derive(Debug, Default)]
@@ -82,7 +89,10 @@ fn modified(path: &Path) -> Option<SystemTime> {
 
 /// Run one collection. Blocking: call from the blocking pool or the CLI.
 pub fn collect(storage: &FsStorage, options: GcOptions) -> Result<GcReport> {
-    let started = SystemTime::now();
+    // The cut-off: content touched after it is in use, whatever the marks say.
+    let started = SystemTime::now()
+        .checked_sub(options.grace)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
     let mut report = GcReport::default();
     let mut marked: HashSet<Digest> = HashSet::new();
     let layout = storage.layout().clone();
@@ -217,6 +227,7 @@ fn list(dir: &Path) -> Result<Vec<String>> {
 mod tests {
     use super::*;
     use crate::registry::digest::of_bytes;
+    use std::time::Duration;
 
     fn digest(bytes: &[u8]) -> Digest {
         Digest::parse(&of_bytes("sha256", bytes).expect("digest")).expect("parse")
@@ -289,6 +300,7 @@ mod tests {
             GcOptions {
                 dry_run: true,
                 delete_untagged: true,
+                grace: Duration::ZERO,
             },
         )
         .expect("dry");
@@ -307,6 +319,16 @@ mod tests {
             "dry run deletes nothing"
         );
 
+        // With the default hour of grace, content from an hour ago minus a bit stays.
+        let graced = collect(
+            &s,
+            GcOptions {
+                grace: DEFAULT_GRACE + Duration::from_secs(60),
+                ..GcOptions::default()
+            },
+        )
+        .expect("gc");
+        assert!(graced.blobs_removed.is_empty(), "{graced:?}");
         let plain = collect(&s, GcOptions::default()).expect("gc");
         assert_eq!(plain.blobs_removed, vec![(orphan.to_string(), 12)]);
         assert!(
@@ -319,6 +341,7 @@ mod tests {
             GcOptions {
                 dry_run: false,
                 delete_untagged: true,
+                grace: Duration::ZERO,
             },
         )
         .expect("gc");
@@ -366,6 +389,7 @@ mod tests {
             GcOptions {
                 dry_run: false,
                 delete_untagged: true,
+                grace: Duration::ZERO,
             },
         )
         .expect("gc");

@@ -49,7 +49,8 @@ fn page(
         None => items,
     };
     let limit = n.unwrap_or(MAX_PAGE);
-    let more = rest.len() > limit;
+    // `n=0` asks for an empty page; a next link would point at the same page again.
+    let more = limit > 0 && rest.len() > limit;
     rest.truncate(limit);
     Ok((rest, n, more))
 }

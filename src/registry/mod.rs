@@ -132,6 +132,7 @@ impl Registry {
         self: &std::sync::Arc<Self>,
         every: Duration,
         delete_untagged: bool,
+        grace: Duration,
     ) -> tokio::task::JoinHandle<()> {
         let weak = std::sync::Arc::downgrade(self);
         tokio::spawn(async move {
@@ -145,6 +146,7 @@ impl Registry {
                 let options = gc::GcOptions {
                     dry_run: false,
                     delete_untagged,
+                    grace,
                 };
                 match registry
                     .storage
@@ -312,14 +314,13 @@ fn header_value(value: &str) -> Result<HeaderValue, Failure> {
 pub mod fuzzing {
     pub use super::blobs::{RangeRequest, parse_range};
 
-    /// An upload chunk's `Content-Range`: `Ok(None)` when absent, `Err` when malformed.
-    pub fn content_range(value: &[u8]) -> Result<Option<(u64, u64)>, ()> {
-        let Ok(value) = http::HeaderValue::from_bytes(value) else {
-            return Err(());
-        };
-        let mut req = http::Request::new(crate::body::empty());
+    /// An upload chunk's `Content-Range` as `(start, end)`; `None` when malformed.
+    pub fn content_range(value: &[u8]) -> Option<(u64, u64)> {
+        let value = http::HeaderValue::from_bytes(value).ok()?;
+        let mut req = http::Request::new(());
         req.headers_mut().insert(http::header::CONTENT_RANGE, value);
-        super::uploads::content_range(&req).map_err(|_| ())
+        let (parts, ()) = req.into_parts();
+        super::uploads::content_range(&parts).ok().flatten()
     }
 
     /// Whether a manifest PUT with this body and `Content-Type` passes validation (the

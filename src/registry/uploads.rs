@@ -187,8 +187,8 @@ pub async fn cancel(reg: &Registry, repo: &RepoName, id: &UploadId) -> Handled {
 }
 
 /// `Content-Range: <start>-<end>` (the spec's form; a `bytes ` prefix is tolerated).
-pub(super) fn content_range(req: &Request<Body>) -> Result<Option<(u64, u64)>, Failure> {
-    let Some(v) = req.headers().get(header::CONTENT_RANGE) else {
+pub(super) fn content_range(req: &http::request::Parts) -> Result<Option<(u64, u64)>, Failure> {
+    let Some(v) = req.headers.get(header::CONTENT_RANGE) else {
         return Ok(None);
     };
     let bad = || {
@@ -209,8 +209,8 @@ pub(super) fn content_range(req: &Request<Body>) -> Result<Option<(u64, u64)>, F
     Ok(Some((start, end)))
 }
 
-fn declared_length(req: &Request<Body>) -> Option<u64> {
-    req.headers()
+fn declared_length(req: &http::request::Parts) -> Option<u64> {
+    req.headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
@@ -229,8 +229,37 @@ fn out_of_order(ctx: &RequestContext, repo: &RepoName, id: &UploadId, size: u64)
     Failure::Client(e)
 }
 
+/// Longest refused request body read (and dropped) before answering, so that a client
+/// still sending it sees the answer instead of a reset connection.
+const DISCARD_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// Read and drop what is left of a refused request's body (up to a limit and a time).
+async fn discard(mut body: Body) {
+    use http_body_util::BodyExt;
+    let drain = async {
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                seen += data.len() as u64;
+                if seen > DISCARD_LIMIT {
+                    break;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), drain).await;
+}
+
+/// A session locked for appending, with the hash covering exactly its file.
+struct Locked {
+    guard: tokio::sync::OwnedMutexGuard<Option<HashState>>,
+    state: HashState,
+    path: std::path::PathBuf,
+}
+
 /// Append a request body to a session, checking `Content-Range` against what the
-/// session holds. Returns the session's size afterwards.
+/// session holds. Returns the session's size afterwards. A request refused before its
+/// body is written has the body read and dropped first.
 async fn append(
     reg: &Registry,
     repo: &RepoName,
@@ -238,15 +267,67 @@ async fn append(
     req: Request<Body>,
     ctx: &RequestContext,
 ) -> Result<u64, Failure> {
-    let range = content_range(&req)?;
-    let length = declared_length(&req);
+    let (parts, body) = req.into_parts();
+    let locked = match lock_for_append(reg, repo, id, &parts, ctx).await {
+        Ok(l) => l,
+        Err(e) => {
+            discard(body).await;
+            return Err(e);
+        }
+    };
+    let Locked {
+        mut guard,
+        state,
+        path,
+    } = locked;
+    let before = state.size;
+    let (state, result) = digest::append_body(path, state, body).await;
+    let after = state.size;
+    *guard = Some(state);
+    match result {
+        Ok(()) => {}
+        Err(AppendError::Client(e)) => {
+            tracing::info!(id = %ctx.id, upload = id.as_str(), received = after - before, "upload body ended early: {e}");
+            return Err(OciError::new(
+                ErrorCode::BlobUploadInvalid,
+                format!("the request body ended early; the upload holds {after} bytes"),
+            )
+            .into());
+        }
+        Err(AppendError::Storage(e)) => {
+            let what = format!("append to upload {}", id.as_str());
+            return Err(Failure::Storage(
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                ) {
+                    super::storage::StorageError::Full(e)
+                } else {
+                    super::storage::StorageError::Io { what, source: e }
+                },
+            ));
+        }
+    }
+    Ok(after)
+}
+
+/// Lock a session and check a chunk's `Content-Range` against it.
+async fn lock_for_append(
+    reg: &Registry,
+    repo: &RepoName,
+    id: &UploadId,
+    parts: &http::request::Parts,
+    ctx: &RequestContext,
+) -> Result<Locked, Failure> {
+    let range = content_range(parts)?;
+    let length = declared_length(parts);
     let (r, i) = (repo.clone(), id.clone());
     let path = reg
         .storage
         .blocking(move |s| s.upload_data_path(&r, &i))
         .await?;
     let session = reg.uploads.entry(repo, id);
-    let mut guard = session.lock().await;
+    let mut guard = session.lock_owned().await;
     let (r, i) = (repo.clone(), id.clone());
     let Some(size) = reg.storage.blocking(move |s| s.upload_size(&r, &i)).await? else {
         drop(guard);
@@ -286,35 +367,7 @@ async fn append(
             .into());
         }
     }
-    let before = state.size;
-    let (state, result) = digest::append_body(path, state, req.into_body()).await;
-    let after = state.size;
-    *guard = Some(state);
-    match result {
-        Ok(()) => {}
-        Err(AppendError::Client(e)) => {
-            tracing::info!(id = %ctx.id, upload = id.as_str(), received = after - before, "upload body ended early: {e}");
-            return Err(OciError::new(
-                ErrorCode::BlobUploadInvalid,
-                format!("the request body ended early; the upload holds {after} bytes"),
-            )
-            .into());
-        }
-        Err(AppendError::Storage(e)) => {
-            let what = format!("append to upload {}", id.as_str());
-            return Err(Failure::Storage(
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-                ) {
-                    super::storage::StorageError::Full(e)
-                } else {
-                    super::storage::StorageError::Io { what, source: e }
-                },
-            ));
-        }
-    }
-    Ok(after)
+    Ok(Locked { guard, state, path })
 }
 
 pub async fn patch(

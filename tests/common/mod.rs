@@ -9,6 +9,7 @@
 //! * `skopeo`   — running the real skopeo against the gate
 //! * `registry` — the gate with its built-in registry (all-in-one), in process or as
 //!   the real binary, and what the registry tests need around it
+//! * `wire`     — raw HTTP/1.1 over TLS: odd framing, pipelined requests, slow heads
 //!
 //! `Stack` puts them together: the usual arrangement of one test.
 #![allow(dead_code)]
@@ -25,6 +26,7 @@ pub mod podman;
 pub mod registry;
 pub mod skopeo;
 pub mod upstream;
+pub mod wire;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -156,6 +158,34 @@ impl Stack {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// Proves that nothing carrying `marker` in its path reached the upstream: first a
+    /// control request (which must reach it) is sent through the gate and awaited in
+    /// the registry's log, so everything sent before it has been logged too.
+    pub async fn assert_never_reached_upstream(&self, marker: &str) {
+        let control = format!("control-{marker}");
+        let resp = self.client().get(&format!("/v2/{control}/tags/list")).await;
+        assert_eq!(
+            resp.status.as_u16(),
+            404,
+            "the control request should reach the registry and get its NAME_UNKNOWN: {}",
+            resp.text()
+        );
+        eventually("the control request in the registry's log", || async {
+            self.upstream.access_log().contains(&control).then_some(())
+        })
+        .await;
+        let log = self.upstream.access_log();
+        let leaked: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains(marker) && !line.contains(&control))
+            .collect();
+        assert!(
+            leaked.is_empty(),
+            "requests that must stop at the gate reached the registry:\n{}",
+            leaked.join("\n")
+        );
     }
 }
 

@@ -39,6 +39,8 @@ pub struct AllInOneOptions {
     pub purge_uploads_after_secs: Option<u64>,
     /// Whole tables appended to the config (e.g. `[[rules]]`).
     pub extra_tables: String,
+    /// More lines inside `[storage]` (e.g. `gc_interval_secs = 1`).
+    pub extra_storage: String,
 }
 
 /// A test CA, its leaf, and the in-process gate serving the built-in registry.
@@ -84,11 +86,10 @@ impl AllInOne {
         let gate = Gate::start(
             &dir.path().join("gate"),
             GateOptions {
-                storage: Some(storage_lines(
-                    &root,
-                    options.delete,
-                    options.purge_uploads_after_secs,
-                )),
+                storage: Some(
+                    storage_lines(&root, options.delete, options.purge_uploads_after_secs)
+                        + &options.extra_storage,
+                ),
                 extra_tables: options.extra_tables,
                 ..GateOptions::new(&leaf)
             },
@@ -298,7 +299,39 @@ impl Drop for Tmpfs {
 // ---------------------------------------------------------------------------
 // the real binary
 
-const BINARY: &str = env!("CARGO_BIN_EXE_registry-gate");
+pub const BINARY: &str = env!("CARGO_BIN_EXE_registry-gate");
+
+/// `registry-gate gc --config CONFIG ARGS…`, not yet started.
+pub fn gc_command(config: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(BINARY);
+    command
+        .arg("gc")
+        .arg("--config")
+        .arg(config)
+        // The tests make garbage and collect it at once: no grace period.
+        .args(["--grace-secs", "0"])
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    command
+}
+
+/// Run `registry-gate gc`; fails the test with its output when it fails. Returns
+/// its stdout.
+pub fn run_gc(config: &Path, args: &[&str]) -> String {
+    let output = gc_command(config, args)
+        .output()
+        .expect("run registry-gate gc");
+    assert!(
+        output.status.success(),
+        "registry-gate gc {} failed ({}):\nstdout: {}\nstderr: {}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
 
 /// Write the files of an all-in-one gate into `dir` (certificate pair, htpasswd,
 /// groups, config listening on `listen`); returns the config's path.

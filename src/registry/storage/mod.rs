@@ -329,8 +329,17 @@ impl FsStorage {
             return Ok(None);
         }
         let dir = self.layout.tags(repo);
-        let mut tags = list_dirs(self, &dir)?;
-        tags.retain(|t| crate::route::Reference::parse(t).is_ok() && !t.contains(':'));
+        let mut tags = Vec::new();
+        for t in list_dirs(self, &dir)? {
+            // A tag is listed only once its `current` link is whole: a push killed
+            // between the tag's index link and its current link leaves no tag.
+            if crate::route::Reference::parse(&t).is_ok()
+                && !t.contains(':')
+                && self.resolve_tag(repo, &t)?.is_some()
+            {
+                tags.push(t);
+            }
+        }
         tags.sort();
         Ok(Some(tags))
     }
