@@ -1,0 +1,1 @@
+"""The pieces of bench/run: setup, configs, servers, load generators, scenarios, report."""
