@@ -86,6 +86,9 @@ impl Proxy {
             .pool_idle_timeout(Duration::from_secs(config.pool_idle_secs))
             .pool_max_idle_per_host(config.pool_max_idle)
             .set_host(false)
+            // Upstream reads of up to 64 KiB: big enough for full TLS records towards
+            // the client, small enough that 50 parallel downloads stay in a few MiB.
+            .http1_max_buf_size(64 * 1024)
             .build(connector);
         let credentials = match (&config.username, &config.password) {
             (Some(u), Some(p)) => {

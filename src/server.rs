@@ -193,6 +193,9 @@ pub async fn serve_with(
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(config.server.header_read_timeout_secs))
         .max_headers(100)
+        // Bounds the read buffer (a request head, or body bytes waiting for the
+        // backend): memory per connection stays small with many connections.
+        .max_buf_size(64 * 1024)
         .keep_alive(true);
     http.http2()
         .timer(TokioTimer::new())

@@ -182,10 +182,10 @@ impl TokenKey {
         if claims.aud != service {
             return Err(TokenError::WrongService);
         }
-        if claims.nbf > now + CLOCK_SKEW_SECS {
+        if claims.nbf > now.saturating_add(CLOCK_SKEW_SECS) {
             return Err(TokenError::NotYetValid);
         }
-        if claims.exp + CLOCK_SKEW_SECS <= now {
+        if claims.exp.saturating_add(CLOCK_SKEW_SECS) <= now {
             return Err(TokenError::Expired);
         }
         Ok(claims)
@@ -219,7 +219,7 @@ pub fn new_claims(
         aud: service.into(),
         iat: now,
         nbf: now,
-        exp: now + lifetime,
+        exp: now.saturating_add(lifetime),
         jti: URL_SAFE_NO_PAD.encode(jti),
         access,
     }
@@ -414,6 +414,31 @@ mod tests {
         for junk in ["", ".", "abc", "a.b", "a.b.c", &"x".repeat(20_000), "é.é"] {
             assert!(key.verify(junk, "svc", now).is_err(), "{junk:?}");
         }
+    }
+
+    /// Found by `fuzz/token`: a signed token whose `exp` is near `u64::MAX` overflowed
+    /// the expiry check (a panic in debug builds, a wrap to "expired" in release), and
+    /// a huge `[token] expires_secs` overflowed `new_claims`.
+    #[test]
+    fn extreme_times_never_overflow() {
+        let key = TokenKey::random();
+        let now = 1_800_000_000;
+        let mut c = claims(now);
+        c.exp = u64::MAX;
+        assert_eq!(
+            key.verify(&key.sign(&c), "svc", now).map(|v| v.exp),
+            Ok(u64::MAX)
+        );
+        c.nbf = u64::MAX;
+        assert_eq!(
+            key.verify(&key.sign(&c), "svc", now),
+            Err(TokenError::NotYetValid)
+        );
+        assert!(key.verify(&key.sign(&c), "svc", u64::MAX).is_err());
+        assert_eq!(
+            new_claims("m", "svc", vec![], u64::MAX - 5, 300).exp,
+            u64::MAX
+        );
     }
 
     #[test]

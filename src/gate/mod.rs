@@ -103,7 +103,7 @@ impl Gate {
             id: id.clone(),
             peer,
             method: req.method().clone(),
-            family: self.family(req.uri().path()),
+            family: "other",
             metrics: self.metrics.clone(),
             path: req.uri().path().to_owned(),
             version: req.version(),
@@ -113,34 +113,45 @@ impl Gate {
             bytes_out: Arc::new(AtomicU64::new(0)),
             started,
         };
-        let (resp, user) = match self.admit(req, peer, &id).await {
+        let (resp, user, family) = match self.admit(req, peer, &id).await {
             Ok(Admitted::Backend(req, ctx)) => {
                 let user = ctx.identity.log_name().to_owned();
+                let family = ctx.route.family();
                 let filter = matches!(ctx.route, Route::Catalog) && self.policy.restricts_pull();
-                let caller_identity = ctx.identity.clone();
+                let caller_identity = filter.then(|| ctx.identity.clone());
                 let req = req.map(|b| body::boxed(Counted::new(b, bytes_in.clone(), None)));
                 let resp = self.backend.handle(req, *ctx).await;
-                let resp = if filter {
-                    match catalog::read(resp).await {
-                        Ok(page) => catalog::filter(page, |repo| {
-                            self.may_pull_listed(&caller_identity, repo)
-                        }),
+                let resp = match caller_identity {
+                    Some(identity) => match catalog::read(resp).await {
+                        Ok(page) => {
+                            catalog::filter(page, |repo| self.may_pull_listed(&identity, repo))
+                        }
                         Err(resp) => resp,
-                    }
-                } else {
-                    resp
+                    },
+                    None => resp,
                 };
-                (resp, user)
+                (resp, user, family)
             }
             Ok(Admitted::Token(req, origin)) => {
-                token_endpoint::serve(self, req, peer, &origin).await
+                let (resp, user) = token_endpoint::serve(self, req, peer, &origin).await;
+                (resp, user, "token")
             }
-            Ok(Admitted::Page(req, origin)) => {
-                (page::serve(self, &req, peer, &origin).await, "-".into())
-            }
-            Err(rejection) => (rejection.response, rejection.user),
+            Ok(Admitted::Page(req, origin)) => (
+                page::serve(self, &req, peer, &origin).await,
+                "-".into(),
+                "page",
+            ),
+            // Refusals are the rare path: route the path again for the metric.
+            Err(rejection) => (rejection.response, rejection.user, self.family(&log.path)),
         };
-        finish(resp, AccessLog { user, ..log })
+        finish(
+            resp,
+            AccessLog {
+                user,
+                family,
+                ..log
+            },
+        )
     }
 
     /// The route family of a path, for metrics.

@@ -63,35 +63,25 @@ pub fn media_type_of(json: &Value) -> &str {
     }
 }
 
-/// Resolve a reference to a digest in `repo`.
-async fn resolve(
-    reg: &Registry,
-    repo: &RepoName,
-    r: &Reference,
-) -> Result<Option<Digest>, Failure> {
-    let (repo, r) = (repo.clone(), r.clone());
-    Ok(reg
-        .storage
-        .blocking(move |s| match &r {
-            Reference::Tag(t) => match s.resolve_tag(&repo, t)? {
-                Some(d) if s.revision_exists(&repo, &d)? => Ok(Some(d)),
-                _ => Ok(None),
-            },
-            Reference::Digest(d) => Ok(s.revision_exists(&repo, d)?.then(|| d.clone())),
-        })
-        .await?)
-}
-
 pub async fn get(reg: &Registry, repo: &RepoName, r: &Reference, head: bool) -> Handled {
-    let Some(d) = resolve(reg, repo, r).await? else {
-        return Err(unknown(repo, r));
-    };
-    let d2 = d.clone();
-    let Some(bytes) = reg
+    // Resolve and read in one trip to the blocking pool.
+    let (repo2, r2) = (repo.clone(), r.clone());
+    let found = reg
         .storage
-        .blocking(move |s| s.read_blob(&d2, MAX_STORED_MANIFEST))
-        .await?
-    else {
+        .blocking(move |s| {
+            let d = match &r2 {
+                Reference::Tag(t) => match s.resolve_tag(&repo2, t)? {
+                    Some(d) if s.revision_exists(&repo2, &d)? => d,
+                    _ => return Ok(None),
+                },
+                Reference::Digest(d) if s.revision_exists(&repo2, d)? => d.clone(),
+                Reference::Digest(_) => return Ok(None),
+            };
+            Ok(s.read_blob(&d, MAX_STORED_MANIFEST)?
+                .map(|bytes| (d, bytes)))
+        })
+        .await?;
+    let Some((d, bytes)) = found else {
         return Err(unknown(repo, r));
     };
     let media_type = serde_json::from_slice::<Value>(&bytes)

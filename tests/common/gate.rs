@@ -170,11 +170,58 @@ impl Gate {
                 Err(e) => format!("serve returned an error: {e}"),
             }
         });
-        Gate {
+        let gate = Gate {
             addr,
             files,
             shutdown: Some(shutdown),
             task: Some(task),
+        };
+        gate.wait_ready(&options.certificate_pem).await;
+        gate
+    }
+
+    /// Return only once `serve` has loaded its files and completes TLS handshakes, so a
+    /// test that changes the files next never races the start-up.
+    async fn wait_ready(&self, chain_pem: &[u8]) {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(chain_pem).flatten() {
+            let _ = roots.add(cert);
+        }
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(task) = &self.task
+                && task.is_finished()
+            {
+                panic!("the gate stopped while starting (see its log above)");
+            }
+            let attempt = async {
+                let tcp = tokio::net::TcpStream::connect(self.addr).await.ok()?;
+                let name = rustls::pki_types::ServerName::try_from("localhost").ok()?;
+                connector.connect(name, tcp).await.ok()
+            };
+            if tokio::time::timeout(Duration::from_secs(2), attempt)
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the gate did not complete a TLS handshake within 30 s of starting"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

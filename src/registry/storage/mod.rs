@@ -72,7 +72,22 @@ impl FsStorage {
         for dir in [layout.blobs(), layout.repositories()] {
             std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
         }
-        Ok(FsStorage { layout })
+        let storage = FsStorage { layout };
+        // The fixed top of the layout, once: no symbolic link on the way down to
+        // `blobs/` and `repositories/` (later checks start below them).
+        for top in [storage.layout.blobs(), storage.layout.repositories()] {
+            let Ok(rel) = top.strip_prefix(root) else {
+                return Err(StorageError::Unsafe(top));
+            };
+            let mut current = root.to_path_buf();
+            for component in rel.components() {
+                current.push(component);
+                if std::fs::symlink_metadata(&current).is_ok_and(|m| m.file_type().is_symlink()) {
+                    return Err(StorageError::Unsafe(current));
+                }
+            }
+        }
+        Ok(storage)
     }
 
     pub fn layout(&self) -> &Layout {
@@ -94,11 +109,25 @@ impl FsStorage {
     /// Refuse `path` when a component below the root is a symbolic link (planted in
     /// the root by someone with access to it): no request may leave the root.
     pub fn contained(&self, path: &Path) -> Result<()> {
-        let root = self.layout.root();
-        let Ok(rel) = path.strip_prefix(root) else {
-            return Err(StorageError::Unsafe(path.to_owned()));
+        // The fixed top of the layout (`docker/registry/v2/blobs|repositories`) is
+        // checked once, when the storage is opened; below it, every component.
+        let (base, rel) = match [self.layout.blobs(), self.layout.repositories()]
+            .into_iter()
+            .find_map(|top| {
+                path.strip_prefix(&top)
+                    .ok()
+                    .map(|r| (top.clone(), r.to_owned()))
+            }) {
+            Some(found) => found,
+            None => {
+                let root = self.layout.root();
+                match path.strip_prefix(root) {
+                    Ok(r) => (root.to_path_buf(), r.to_owned()),
+                    Err(_) => return Err(StorageError::Unsafe(path.to_owned())),
+                }
+            }
         };
-        let mut current = root.to_path_buf();
+        let mut current = base;
         for component in rel.components() {
             match component {
                 std::path::Component::Normal(c) => current.push(c),
