@@ -152,10 +152,19 @@ pub fn del_user(htpasswd: &Path, groups: &Path, name: &str) -> Result<(), UserEr
     if let (true, Some(text)) = (users.contains(name), &password_text) {
         let mut lines = Lines::new(text);
         lines.retain(|line| entry_user(line) != Some(name));
-        write_atomic(htpasswd, &lines.to_text())?;
+        let mut text = lines.to_text();
+        // A running gate takes an emptied file for a broken write and keeps the users
+        // it had; a comment makes "no users any more" deliberate.
+        if text.trim().is_empty() {
+            text = format!("{NO_USERS_COMMENT}\n");
+        }
+        write_atomic(htpasswd, &text)?;
     }
     Ok(())
 }
+
+/// What `user del` leaves in a password file when it removes the last user.
+pub const NO_USERS_COMMENT: &str = "# no users (registry-gate user del removed the last one)";
 
 /// Every user in the password file, sorted, with the groups it belongs to (sorted).
 /// A missing group file means no groups; a missing password file is an error.
@@ -527,6 +536,15 @@ mod tests {
     fn mode(path: &Path) -> u32 {
         use std::os::unix::fs::PermissionsExt;
         fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn deleting_the_last_user_leaves_a_comment_not_an_empty_file() {
+        let f = files();
+        f.add("mark", "pw", &["pusher"]).unwrap();
+        del_user(&f.htpasswd, &f.groups, "mark").unwrap();
+        assert_eq!(f.read(&f.htpasswd), format!("{NO_USERS_COMMENT}\n"));
+        assert!(f.users().is_empty());
     }
 
     #[test]

@@ -227,6 +227,19 @@ impl Authenticator {
 
     /// Re-read both files. On error the old snapshot stays and the reason is logged.
     pub fn reload(&self) -> bool {
+        // An emptied password file is far more often a truncated or half-done write
+        // than a decision to remove every user (`user del` leaves a comment line when
+        // it removes the last one): keep the users there were.
+        let emptied = std::fs::read(&self.htpasswd_path)
+            .is_ok_and(|bytes| bytes.iter().all(u8::is_ascii_whitespace));
+        if emptied && !self.accounts().htpasswd.is_empty() {
+            tracing::error!(
+                file = %self.htpasswd_path.display(),
+                "password file reload refused, keeping the previous users: the file is \
+                 empty (write a comment line to remove every user on purpose)"
+            );
+            return false;
+        }
         match Accounts::load(&self.htpasswd_path, &self.groups_path) {
             Ok(accounts) => {
                 let users = accounts.htpasswd.len();
