@@ -3431,3 +3431,57 @@ async fn the_server_collects_garbage_on_its_schedule() {
     pull_and_verify(&anon, "sched/app", "v1", &image).await;
     gate.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_manifest_follows_its_tag_when_it_moves_or_goes() {
+    // The registry remembers manifests it served; a moved or deleted tag must show
+    // at once, whoever changed it.
+    let aio = AllInOne::start_with(AllInOneOptions {
+        delete: true,
+        ..AllInOneOptions::default()
+    })
+    .await;
+    let pusher = aio.pusher();
+    let first = push_image(
+        &pusher,
+        "cache/app",
+        "v1",
+        &three_layers(71),
+        UploadMode::Monolithic,
+    )
+    .await;
+    for _ in 0..2 {
+        assert_eq!(
+            assert_complete(&pusher, "cache/app", "v1").await,
+            first.manifest_digest
+        );
+    }
+    let second = push_image(
+        &pusher,
+        "cache/app",
+        "v1",
+        &three_layers(72),
+        UploadMode::Monolithic,
+    )
+    .await;
+    assert_ne!(first.manifest_digest, second.manifest_digest);
+    assert_eq!(
+        assert_complete(&pusher, "cache/app", "v1").await,
+        second.manifest_digest
+    );
+    // By digest too, and gone after a delete.
+    let by_digest = format!("/v2/cache/app/manifests/{}", second.manifest_digest);
+    assert_eq!(
+        get_accepting(&pusher, &by_digest).await.status.as_u16(),
+        200
+    );
+    let resp = pusher.request("DELETE", &by_digest, &[], empty()).await;
+    expect(&resp, 202, "DELETE manifest");
+    assert_eq!(
+        get_accepting(&pusher, &by_digest).await.status.as_u16(),
+        404
+    );
+    let resp = get_accepting(&pusher, "/v2/cache/app/manifests/v1").await;
+    expect_error(&resp, 404, "MANIFEST_UNKNOWN", "the deleted manifest's tag");
+    aio.gate.stop().await;
+}

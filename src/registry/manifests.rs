@@ -63,41 +63,153 @@ pub fn media_type_of(json: &Value) -> &str {
     }
 }
 
-pub async fn get(reg: &Registry, repo: &RepoName, r: &Reference, head: bool) -> Handled {
-    // Resolve and read in one trip to the blocking pool.
-    let (repo2, r2) = (repo.clone(), r.clone());
-    let found = reg
-        .storage
-        .blocking(move |s| {
-            let d = match &r2 {
-                Reference::Tag(t) => match s.resolve_tag(&repo2, t)? {
-                    Some(d) if s.revision_exists(&repo2, &d)? => d,
-                    _ => return Ok(None),
-                },
-                Reference::Digest(d) if s.revision_exists(&repo2, d)? => d.clone(),
-                Reference::Digest(_) => return Ok(None),
-            };
-            Ok(s.read_blob(&d, MAX_STORED_MANIFEST)?
-                .map(|bytes| (d, bytes)))
+/// What identifies one version of a link file (a rewrite is a rename: a new inode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl FileId {
+    fn of(path: &std::path::Path) -> Option<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: m.mtime(),
+            mtime_nsec: m.mtime_nsec(),
         })
-        .await?;
-    let Some((d, bytes)) = found else {
-        return Err(unknown(repo, r));
+    }
+}
+
+/// A manifest served recently, valid while the link file it was resolved through (tag
+/// `current/link`, or the revision link for a digest) is the same file.
+#[derive(Clone)]
+struct Cached {
+    link: FileId,
+    digest: Digest,
+    bytes: bytes::Bytes,
+    media_type: HeaderValue,
+}
+
+/// Most manifests remembered; past that the cache starts over.
+const CACHE_ENTRIES: usize = 4096;
+
+/// Recently served manifests, so a pull of a hot tag costs one `stat` instead of a
+/// dozen look-ups, three opens and a JSON parse. Writers need not tell it anything:
+/// every change rewrites (renames) or removes the link file, which the `stat` sees.
+#[derive(Default)]
+pub struct ManifestCache {
+    map: std::sync::Mutex<std::collections::HashMap<(String, String), Cached>>,
+}
+
+impl ManifestCache {
+    fn get(&self, key: &(String, String)) -> Option<Cached> {
+        match self.map.lock() {
+            Ok(m) => m.get(key).cloned(),
+            Err(p) => p.into_inner().get(key).cloned(),
+        }
+    }
+
+    fn put(&self, key: (String, String), value: Cached) {
+        let mut map = match self.map.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        if map.len() >= CACHE_ENTRIES {
+            map.clear();
+        }
+        map.insert(key, value);
+    }
+}
+
+fn link_path(reg: &Registry, repo: &RepoName, r: &Reference) -> std::path::PathBuf {
+    let layout = reg.storage.layout();
+    match r {
+        Reference::Tag(t) => layout.tag_current(repo, t),
+        Reference::Digest(d) => layout.revision_link(repo, d),
+    }
+}
+
+pub async fn get(reg: &Registry, repo: &RepoName, r: &Reference, head: bool) -> Handled {
+    let key = (repo.as_str().to_owned(), r.to_string());
+    let link = link_path(reg, repo, r);
+    let cached = match reg.manifests.get(&key) {
+        Some(c) => {
+            let path = link.clone();
+            let now = reg.storage.blocking(move |_| Ok(FileId::of(&path))).await?;
+            (now == Some(c.link)).then_some(c)
+        }
+        None => None,
     };
-    let media_type = serde_json::from_slice::<Value>(&bytes)
-        .map(|v| media_type_of(&v).to_owned())
-        .unwrap_or_else(|_| OCI_MANIFEST.to_owned());
-    let len = bytes.len();
+    let cached = match cached {
+        Some(c) => c,
+        None => {
+            // Resolve and read in one trip to the blocking pool.
+            let (repo2, r2) = (repo.clone(), r.clone());
+            let found = reg
+                .storage
+                .blocking(move |s| {
+                    s.contained(&link)?;
+                    let id = FileId::of(&link);
+                    let d = match &r2 {
+                        Reference::Tag(t) => match s.resolve_tag(&repo2, t)? {
+                            Some(d) if s.revision_exists(&repo2, &d)? => d,
+                            _ => return Ok(None),
+                        },
+                        Reference::Digest(d) if s.revision_exists(&repo2, d)? => d.clone(),
+                        Reference::Digest(_) => return Ok(None),
+                    };
+                    Ok(s.read_blob(&d, MAX_STORED_MANIFEST)?
+                        .map(|bytes| (id, d, bytes)))
+                })
+                .await?;
+            let Some((id, d, bytes)) = found else {
+                return Err(unknown(repo, r));
+            };
+            let media_type = serde_json::from_slice::<Value>(&bytes)
+                .map(|v| media_type_of(&v).to_owned())
+                .unwrap_or_else(|_| OCI_MANIFEST.to_owned());
+            let c = Cached {
+                link: id.unwrap_or(FileId {
+                    dev: 0,
+                    ino: 0,
+                    len: 0,
+                    mtime: 0,
+                    mtime_nsec: 0,
+                }),
+                digest: d,
+                bytes: bytes.into(),
+                media_type: header_value(&media_type)?,
+            };
+            if id.is_some() {
+                reg.manifests.put(key, c.clone());
+            }
+            c
+        }
+    };
+    let len = cached.bytes.len();
     let mut resp = if head {
         empty_response(StatusCode::OK)
     } else {
-        Response::new(body::full(bytes))
+        Response::new(body::full(cached.bytes))
     };
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, header_value(&media_type)?);
+    h.insert(header::CONTENT_TYPE, cached.media_type);
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    h.insert("docker-content-digest", header_value(d.as_str())?);
-    h.insert(header::ETAG, header_value(&format!("\"{d}\""))?);
+    h.insert(
+        "docker-content-digest",
+        header_value(cached.digest.as_str())?,
+    );
+    h.insert(
+        header::ETAG,
+        header_value(&format!("\"{}\"", cached.digest))?,
+    );
     Ok(resp)
 }
 

@@ -55,6 +55,7 @@ pub struct Registry {
     storage: FsStorage,
     delete_enabled: bool,
     uploads: uploads::Sessions,
+    manifests: manifests::ManifestCache,
 }
 
 impl Registry {
@@ -63,6 +64,7 @@ impl Registry {
             storage: FsStorage::open(&config.root)?,
             delete_enabled: config.delete,
             uploads: uploads::Sessions::default(),
+            manifests: manifests::ManifestCache::default(),
         })
     }
 
