@@ -663,7 +663,7 @@ mod tests {
 
         fs::remove_file(&f.groups).unwrap();
         del_user(&f.htpasswd, &f.groups, "carol").unwrap();
-        assert_eq!(f.read(&f.htpasswd), "");
+        assert_eq!(f.read(&f.htpasswd), format!("{NO_USERS_COMMENT}\n"));
         assert!(!f.groups.exists());
     }
 
