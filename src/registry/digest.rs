@@ -37,18 +37,8 @@ impl Default for HashState {
 impl HashState {
     /// Hash an existing file (an upload resumed after a restart). Blocking.
     pub fn of_file(path: &Path) -> io::Result<HashState> {
-        let mut state = HashState::default();
-        let mut file = std::fs::File::open(path)?;
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            state.sha256.update(&buf[..n]);
-            state.size += n as u64;
-        }
-        Ok(state)
+        let (size, sha256) = hash_file::<Sha256>(path)?;
+        Ok(HashState { size, sha256 })
     }
 
     /// `sha256:<hex>` of everything so far.
@@ -72,17 +62,24 @@ pub fn of_bytes(algorithm: &str, bytes: &[u8]) -> Option<String> {
 
 /// The sha512 digest of a file. Blocking.
 pub fn sha512_of_file(path: &Path) -> io::Result<String> {
-    let mut hasher = Sha512::new();
+    let (_, hasher) = hash_file::<Sha512>(path)?;
+    Ok(format!("sha512:{}", hex(&hasher.finalize())))
+}
+
+/// Read a whole file through a hasher: its length and the hasher. Blocking.
+fn hash_file<D: sha2::Digest>(path: &Path) -> io::Result<(u64, D)> {
+    let mut hasher = D::new();
+    let mut size = 0u64;
     let mut file = std::fs::File::open(path)?;
     let mut buf = vec![0u8; 256 * 1024];
     loop {
         let n = file.read(&mut buf)?;
         if n == 0 {
-            break;
+            return Ok((size, hasher));
         }
         hasher.update(&buf[..n]);
+        size += n as u64;
     }
-    Ok(format!("sha512:{}", hex(&hasher.finalize())))
 }
 
 /// Why appending a body stopped.

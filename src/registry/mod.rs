@@ -17,6 +17,7 @@ mod manifests;
 pub mod storage;
 mod uploads;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
@@ -72,48 +73,57 @@ impl Registry {
         &self.storage
     }
 
-    /// Remove abandoned uploads now and then, for as long as the registry lives.
-    pub fn spawn_upload_purger(
-        self: &std::sync::Arc<Self>,
-        age: Duration,
-    ) -> tokio::task::JoinHandle<()> {
-        let weak = std::sync::Arc::downgrade(self);
-        let every = (age / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    /// Run `job` every `every` (the first time after `first`) for as long as the
+    /// registry lives: the task holds it weakly and ends when it is dropped.
+    fn spawn_every<F, Fut>(
+        self: &Arc<Self>,
+        first: Duration,
+        every: Duration,
+        job: F,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(Arc<Registry>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let weak = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
             loop {
                 tick.tick().await;
                 let Some(registry) = weak.upgrade() else {
                     return;
                 };
-                match registry
-                    .storage
-                    .blocking(move |s| s.purge_uploads(age))
-                    .await
-                {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(removed = n, "abandoned uploads removed"),
-                    Err(e) => tracing::error!("purging abandoned uploads: {e}"),
-                }
-                registry.uploads.forget_missing(&registry.storage).await;
+                job(registry).await;
             }
+        })
+    }
+
+    /// Remove abandoned uploads now and then.
+    pub fn spawn_upload_purger(self: &Arc<Self>, age: Duration) -> tokio::task::JoinHandle<()> {
+        let every = (age / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+        self.spawn_every(Duration::ZERO, every, move |registry| async move {
+            match registry
+                .storage
+                .blocking(move |s| s.purge_uploads(age))
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "abandoned uploads removed"),
+                Err(e) => tracing::error!("purging abandoned uploads: {e}"),
+            }
+            registry.uploads.forget_missing(&registry.storage).await;
         })
     }
 
     /// Sample the storage size and open uploads into the metrics now and then.
     pub fn spawn_sampler(
-        self: &std::sync::Arc<Self>,
-        metrics: std::sync::Arc<crate::metrics::Metrics>,
+        self: &Arc<Self>,
+        metrics: Arc<crate::metrics::Metrics>,
         every: Duration,
     ) -> tokio::task::JoinHandle<()> {
-        let weak = std::sync::Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                let Some(registry) = weak.upgrade() else {
-                    return;
-                };
+        self.spawn_every(Duration::ZERO, every, move |registry| {
+            let metrics = metrics.clone();
+            async move {
                 match registry.storage.blocking(|s| s.usage()).await {
                     Ok((bytes, uploads)) => {
                         metrics
@@ -129,40 +139,31 @@ impl Registry {
         })
     }
 
-    /// Collect garbage every `every`, for as long as the registry lives.
+    /// Collect garbage every `every` (the first time after `every`).
     pub fn spawn_gc(
-        self: &std::sync::Arc<Self>,
+        self: &Arc<Self>,
         every: Duration,
         delete_untagged: bool,
         grace: Duration,
     ) -> tokio::task::JoinHandle<()> {
-        let weak = std::sync::Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(registry) = weak.upgrade() else {
-                    return;
-                };
-                let options = gc::GcOptions {
-                    dry_run: false,
-                    delete_untagged,
-                    grace,
-                };
-                match registry
-                    .storage
-                    .blocking(move |s| gc::collect(s, options))
-                    .await
-                {
-                    Ok(r) => tracing::info!(
-                        blobs = r.blobs_removed.len(),
-                        manifests = r.manifests_removed.len(),
-                        bytes = r.bytes_freed,
-                        "garbage collection done"
-                    ),
-                    Err(e) => tracing::error!("garbage collection failed: {e}"),
-                }
+        let options = gc::GcOptions {
+            dry_run: false,
+            delete_untagged,
+            grace,
+        };
+        self.spawn_every(every, every, move |registry| async move {
+            match registry
+                .storage
+                .blocking(move |s| gc::collect(s, options))
+                .await
+            {
+                Ok(r) => tracing::info!(
+                    blobs = r.blobs_removed.len(),
+                    manifests = r.manifests_removed.len(),
+                    bytes = r.bytes_freed,
+                    "garbage collection done"
+                ),
+                Err(e) => tracing::error!("garbage collection failed: {e}"),
             }
         })
     }
