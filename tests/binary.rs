@@ -9,9 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine as _;
-use http_body_util::BodyExt as _;
 
-use common::client::{Client, empty};
+use common::client::{Client, empty, read_at_least, read_rest};
 use common::image::{UploadMode, pull_and_verify, push_image, upload_blob};
 use common::upstream::free_loopback_port;
 use common::{PUSHER, Stack, command, eventually, pseudo_random_bytes};
@@ -96,31 +95,13 @@ async fn the_binary_serves_and_exits_0_on_sigterm_after_draining() {
         .await;
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
-    let mut received = Vec::new();
-    while received.len() < 256 * 1024 {
-        let frame = tokio::time::timeout(Duration::from_secs(60), body.frame())
-            .await
-            .expect("download stalled")
-            .expect("download ended early")
-            .expect("download failed");
-        if let Ok(data) = frame.into_data() {
-            received.extend_from_slice(&data);
-        }
-    }
+    let mut received = read_at_least(&mut body, 256 * 1024).await;
     let status = command("kill", "procps")
         .args(["-TERM", &pid.to_string()])
         .status()
         .expect("run kill");
     assert!(status.success());
-    while let Some(frame) = tokio::time::timeout(Duration::from_secs(60), body.frame())
-        .await
-        .expect("the download stalled after SIGTERM")
-    {
-        let frame = frame.unwrap_or_else(|e| panic!("SIGTERM cut the download: {e}"));
-        if let Ok(data) = frame.into_data() {
-            received.extend_from_slice(&data);
-        }
-    }
+    read_rest(&mut body, &mut received, "after SIGTERM").await;
     assert_eq!(received.len(), blob.len());
     assert_eq!(common::sha256_digest(&received), digest);
 

@@ -6,10 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use http_body_util::BodyExt as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use common::client::{Client, RawResponse, empty, full};
+use common::client::{Client, RawResponse, empty, full, read_at_least, read_rest};
 use common::gate::{Gate, GateOptions, bcrypt_line};
 use common::image::{
     OCI_MANIFEST, PushedImage, UploadMode, get_manifest, location_on_gate, pull_and_verify,
@@ -1027,17 +1026,7 @@ async fn on_shutdown_the_gate_stops_accepting_and_lets_a_transfer_finish() {
         .await;
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
-    let mut received = Vec::new();
-    while received.len() < 512 * 1024 {
-        let frame = tokio::time::timeout(Duration::from_secs(60), body.frame())
-            .await
-            .expect("download stalled")
-            .expect("download ended early")
-            .expect("download failed");
-        if let Ok(data) = frame.into_data() {
-            received.extend_from_slice(&data);
-        }
-    }
+    let mut received = read_at_least(&mut body, 512 * 1024).await;
 
     stack.gate.begin_shutdown();
     eventually("the gate to stop taking new connections", || async {
@@ -1049,15 +1038,7 @@ async fn on_shutdown_the_gate_stops_accepting_and_lets_a_transfer_finish() {
     })
     .await;
 
-    while let Some(frame) = tokio::time::timeout(Duration::from_secs(60), body.frame())
-        .await
-        .expect("the in-flight download stalled during shutdown")
-    {
-        let frame = frame.unwrap_or_else(|e| panic!("the in-flight download was cut: {e}"));
-        if let Ok(data) = frame.into_data() {
-            received.extend_from_slice(&data);
-        }
-    }
+    read_rest(&mut body, &mut received, "during shutdown").await;
     assert_eq!(
         received.len(),
         blob.len(),

@@ -6,10 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use http_body_util::BodyExt as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use common::client::{Client, empty, read_body_digest};
+use common::client::{Client, empty, read_at_least, read_body_digest, read_rest};
 use common::image::{UploadMode, upload_blob};
 use common::pki::{Ca, KeyAlg, KeyEncoding, fingerprint};
 use common::{
@@ -149,17 +148,7 @@ async fn a_certificate_swapped_during_a_large_download_leaves_the_download_whole
         assert_eq!(response.status(), 200);
         let mut body = response.into_body();
         // Read a little, then leave the transfer hanging while the certificate moves.
-        let mut head = Vec::new();
-        while head.len() < 1024 * 1024 {
-            let frame = tokio::time::timeout(Duration::from_secs(60), body.frame())
-                .await
-                .expect("download stalled")
-                .expect("download ended early")
-                .expect("download failed");
-            if let Ok(data) = frame.into_data() {
-                head.extend_from_slice(&data);
-            }
-        }
+        let head = read_at_least(&mut body, 1024 * 1024).await;
         let current = trusts_both.peer_certificate().await;
         let (next_chain, next_key, next_der) = if current == stack.leaf.der {
             (renewed.chain_pem(), renewed.key_pem(), renewed.der.clone())
@@ -182,16 +171,7 @@ async fn a_certificate_swapped_during_a_large_download_leaves_the_download_whole
         // Finish the download that started under the old certificate.
         let mut received = head;
         let before_swap = received.len();
-        while let Some(frame) = tokio::time::timeout(Duration::from_secs(120), body.frame())
-            .await
-            .expect("download stalled after the swap")
-        {
-            let frame = frame
-                .unwrap_or_else(|e| panic!("the download broke after the certificate swap: {e}"));
-            if let Ok(data) = frame.into_data() {
-                received.extend_from_slice(&data);
-            }
-        }
+        read_rest(&mut body, &mut received, "after the certificate swap").await;
         let protocol = downloader.protocol();
         assert!(
             received.len() > before_swap,

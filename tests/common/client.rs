@@ -578,3 +578,34 @@ pub async fn read_body_digest(body: &mut Incoming) -> (u64, String) {
     }
     (length, format!("sha256:{}", hex(&hasher.finalize())))
 }
+
+/// Read a streaming body until at least `n` bytes have come (a transfer left in flight
+/// while the test does something else). Fails the test when it stalls or ends first.
+pub async fn read_at_least(body: &mut Incoming, n: usize) -> Vec<u8> {
+    let mut received = Vec::new();
+    while received.len() < n {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(120), body.frame())
+            .await
+            .expect("download stalled")
+            .expect("download ended early")
+            .expect("download failed");
+        if let Ok(data) = frame.into_data() {
+            received.extend_from_slice(&data);
+        }
+    }
+    received
+}
+
+/// Read the rest of a streaming body into `received`; `what` says, in a failure, what
+/// happened to the transfer meanwhile (e.g. "after SIGTERM").
+pub async fn read_rest(body: &mut Incoming, received: &mut Vec<u8>, what: &str) {
+    while let Some(frame) = tokio::time::timeout(std::time::Duration::from_secs(120), body.frame())
+        .await
+        .unwrap_or_else(|_| panic!("the download stalled {what}"))
+    {
+        let frame = frame.unwrap_or_else(|e| panic!("the download broke {what}: {e}"));
+        if let Ok(data) = frame.into_data() {
+            received.extend_from_slice(&data);
+        }
+    }
+}
