@@ -25,6 +25,20 @@ pub fn full(data: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// A JSON answer with its status, content type and length.
+pub fn json_response(status: http::StatusCode, json: String) -> http::Response<Body> {
+    let len = json.len();
+    let mut resp = http::Response::new(full(json));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    h.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    resp
+}
+
 /// An empty body.
 pub fn empty() -> Body {
     http_body_util::Empty::new()

@@ -132,15 +132,11 @@ impl OciError {
     /// The response: status, JSON body, content type and length. The gate adds the
     /// API-version header to every response, this one included.
     pub fn into_response(self) -> Response<Body> {
-        let json = self.body_json();
-        let mut resp = Response::new(body::full(json.clone()));
-        *resp.status_mut() = self.status;
-        let headers = resp.headers_mut();
-        headers.insert(
+        let mut resp = body::json_response(self.status, self.body_json());
+        resp.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json; charset=utf-8"),
         );
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(json.len()));
         resp
     }
 }

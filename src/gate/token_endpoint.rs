@@ -208,14 +208,9 @@ async fn issue(gate: &Gate, mut params: Params, peer: SocketAddr, origin: &Origi
         "issued_at": token::rfc3339(now),
     })
     .to_string();
-    let mut resp = Response::new(body::full(json.clone()));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(json.len()));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let mut resp = body::json_response(StatusCode::OK, json);
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok((resp, user.unwrap_or_else(|| "-".into())))
 }
 

@@ -276,18 +276,7 @@ fn storage_error_response(id: &str, e: StorageError) -> Response<Body> {
     }
 }
 
-/// A JSON answer with its length.
-fn json_response(status: StatusCode, json: String) -> Response<Body> {
-    let mut resp = Response::new(body::full(json.clone()));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(json.len()));
-    resp
-}
+use crate::body::json_response;
 
 /// An empty answer with the given status.
 fn empty_response(status: StatusCode) -> Response<Body> {
