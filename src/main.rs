@@ -117,8 +117,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 .build()
                 .map_err(|e| format!("cannot start the runtime: {e}"))?;
             runtime.block_on(async {
-                let listener = tokio::net::TcpListener::bind(config.listen)
-                    .await
+                let listener = server::bind(config.listen)
                     .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
                 server::serve(config, listener, shutdown_signal())
                     .await

@@ -48,6 +48,25 @@ pub enum ServeError {
     Signal(std::io::Error),
 }
 
+/// Pending connections the kernel may queue for `accept`. tokio's `bind` asks for
+/// 1024; a burst of new TLS clients (a CI fleet pulling at once, or the benchmark's
+/// 1000 simultaneous handshakes) overflowed it, and every dropped SYN costs the
+/// client a 1 s retransmit. The kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Bind the gate's TCP listener: `SO_REUSEADDR` (a restart does not wait for old
+/// connections in TIME_WAIT) and a deep accept queue.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Everything one connection needs, shared by all.
 struct Shared {
     gate: Gate,

@@ -43,6 +43,29 @@ impl Drop for Running {
     }
 }
 
+/// The listener's accept queue is deep enough for a burst of a thousand new
+/// clients: with tokio's default (1024) such a burst overflowed it and dropped SYNs
+/// cost clients a 1 s retransmit each (the benchmark's full-handshake runs).
+fn assert_listen_backlog(listen: std::net::SocketAddr) {
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .expect("read net.core.somaxconn")
+        .trim()
+        .parse()
+        .expect("somaxconn is a number");
+    let out = command("ss", "iproute2")
+        .args(["-Hltn", &format!("sport = :{}", listen.port())])
+        .output()
+        .expect("run ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // State Recv-Q Send-Q Local Peer; for a listener Send-Q is the backlog.
+    let backlog: u32 = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no listener on {listen} in `ss -ltn`: {text}"));
+    assert_eq!(backlog, somaxconn.min(4096), "listen backlog: {text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_serves_and_exits_0_on_sigterm_after_draining() {
     let stack = Stack::start().await;
@@ -68,6 +91,7 @@ async fn the_binary_serves_and_exits_0_on_sigterm_after_draining() {
         client.try_peer_certificate().await.ok()
     })
     .await;
+    assert_listen_backlog(listen);
     let pusher = client.with_basic(PUSHER.0, PUSHER.1);
     let image = push_image(
         &pusher,
