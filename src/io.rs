@@ -1,8 +1,14 @@
-//! A connection wrapper that closes connections on which nothing moves.
+//! Connection wrappers.
 //!
-//! The timer restarts whenever a read or a write makes progress, so a slow but moving
-//! 5 GiB transfer is never cut, while an idle keep-alive connection or a transfer that
-//! stalled in either direction is closed after `idle`.
+//! [`IdleTimeout`] closes connections on which nothing moves. The timer restarts
+//! whenever a read or a write makes progress, so a slow but moving 5 GiB transfer is
+//! never cut, while an idle keep-alive connection or a transfer that stalled in either
+//! direction is closed after `idle`.
+//!
+//! [`OciParseErrors`] turns the answer hyper writes by itself to an HTTP/1 request it
+//! cannot parse (a bare 400, 414 or 431 with no body, before any service sees the
+//! request) into OCI error JSON with the API-version header, like every other error
+//! the gate sends.
 
 use std::io;
 use std::pin::Pin;
@@ -123,10 +129,206 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
     }
 }
 
+pub struct OciParseErrors<T> {
+    inner: T,
+    /// A replacement answer accepted from hyper and not yet fully written.
+    pending: Option<(Vec<u8>, usize)>,
+}
+
+impl<T> OciParseErrors<T> {
+    pub fn new(inner: T) -> Self {
+        OciParseErrors {
+            inner,
+            pending: None,
+        }
+    }
+}
+
+/// The status of hyper's automatic answer to an unparsable request, if `head` is
+/// one: a whole response head with status 400, 414 or 431 and `content-length: 0`,
+/// lacking the API-version header the gate puts on every response it writes itself
+/// (so a response of the gate or of the upstream is never taken for one).
+fn hyper_parse_error(head: &[u8]) -> Option<(u16, &'static str)> {
+    let rest = head.strip_prefix(b"HTTP/1.1 ")?;
+    let status = match rest.get(..4)? {
+        b"400 " => (400, "Bad Request"),
+        b"414 " => (414, "URI Too Long"),
+        b"431 " => (431, "Request Header Fields Too Large"),
+        _ => return None,
+    };
+    let lower = head.to_ascii_lowercase();
+    let has = |needle: &[u8]| lower.windows(needle.len()).any(|w| w == needle);
+    (head.ends_with(b"\r\n\r\n")
+        && has(b"\r\ncontent-length: 0\r\n")
+        && !has(b"\r\ndocker-distribution-api-version:"))
+    .then_some(status)
+}
+
+/// The OCI error answer that replaces hyper's; the connection closes after it, as
+/// it does after hyper's.
+fn oci_parse_error(status: u16, reason: &str) -> Vec<u8> {
+    let message = match status {
+        414 => "the request target is too long",
+        431 => "the request head (request line and headers) is too large",
+        _ => "the request could not be parsed as HTTP/1.1 (request line or a header is malformed)",
+    };
+    let body = crate::error::OciError::new(crate::error::ErrorCode::Unknown, message).body_json();
+    format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json; charset=utf-8\r\n\
+         docker-distribution-api-version: registry/2.0\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+impl<T: AsyncWrite + Unpin> OciParseErrors<T> {
+    /// Write what is left of a replacement answer.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some((bytes, written)) = &mut self.pending {
+            if *written == bytes.len() {
+                self.pending = None;
+                break;
+            }
+            match Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => *written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Take `buf` as written if it is hyper's answer to an unparsable request, queueing
+    /// the OCI answer in its place.
+    fn replace(&mut self, buf: &[u8]) -> bool {
+        match hyper_parse_error(buf) {
+            Some((status, reason)) => {
+                self.pending = Some((oci_parse_error(status, reason), 0));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for OciParseErrors<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for OciParseErrors<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        std::task::ready!(this.poll_pending(cx))?;
+        if this.replace(buf) {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        std::task::ready!(this.poll_pending(cx))?;
+        // hyper's answer is a head alone: one non-empty buffer.
+        let mut non_empty = bufs.iter().filter(|b| !b.is_empty());
+        if let (Some(only), None) = (non_empty.next(), non_empty.next())
+            && this.replace(only)
+        {
+            return Poll::Ready(Ok(only.len()));
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        std::task::ready!(this.poll_pending(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        std::task::ready!(this.poll_pending(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn only_hyper_own_parse_error_answers_are_replaced() {
+        let hyper_400 = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\ndate: Sun, 22 Nov 2026 18:00:00 GMT\r\n\r\n";
+        assert_eq!(hyper_parse_error(hyper_400), Some((400, "Bad Request")));
+        let hyper_431 =
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(hyper_parse_error(hyper_431).map(|s| s.0), Some(431));
+        // The gate's own answers (and the upstream's, passed on) carry the header.
+        let ours = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\ndocker-distribution-api-version: registry/2.0\r\n\r\n";
+        assert_eq!(hyper_parse_error(ours), None);
+        // A head followed by body bytes, another status, a partial head: untouched.
+        assert_eq!(
+            hyper_parse_error(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\n{}"),
+            None
+        );
+        assert_eq!(
+            hyper_parse_error(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"),
+            None
+        );
+        assert_eq!(
+            hyper_parse_error(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n"),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn the_replacement_is_written_whole_through_a_narrow_pipe() {
+        let (a, mut b) = tokio::io::duplex(7);
+        let mut a = OciParseErrors::new(a);
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            b.read_to_end(&mut all).await.expect("read");
+            all
+        });
+        let head = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
+        a.write_all(head).await.expect("write");
+        a.flush().await.expect("flush");
+        a.shutdown().await.expect("shutdown");
+        drop(a);
+        let all = String::from_utf8(reader.await.expect("reader")).expect("utf-8");
+        let (head, body) = all.split_once("\r\n\r\n").expect("head and body");
+        assert!(head.starts_with("HTTP/1.1 431 "), "{all}");
+        assert!(
+            head.contains("docker-distribution-api-version: registry/2.0"),
+            "{all}"
+        );
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{all}"
+        );
+        let json: serde_json::Value = serde_json::from_str(body).expect("json");
+        assert_eq!(json["errors"][0]["code"], "UNKNOWN");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn idle_read_times_out_and_progress_resets() {

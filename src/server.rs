@@ -27,7 +27,7 @@ use crate::auth::token::TokenKey;
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::gate::{Gate, TokenSettings};
-use crate::io::IdleTimeout;
+use crate::io::{IdleTimeout, OciParseErrors};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::registry::Registry;
@@ -319,7 +319,10 @@ async fn serve_connection(
                 return;
             }
         };
-    let io = TokioIo::new(IdleTimeout::new(tls, shared.idle_timeout));
+    let io = TokioIo::new(OciParseErrors::new(IdleTimeout::new(
+        tls,
+        shared.idle_timeout,
+    )));
     let svc_shared = shared.clone();
     let service = service_fn(move |req| {
         let shared = svc_shared.clone();
