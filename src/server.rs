@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::Admin;
 use crate::auth::Authenticator;
 use crate::auth::policy::Policy;
-use crate::auth::token::TokenKey;
+use crate::auth::token::{TokenKey, TokenKeys};
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::gate::{Gate, TokenSettings};
@@ -149,6 +149,7 @@ pub async fn serve_with(
 
     // Reloads: file changes and SIGHUP.
     let (hup_tx, hup_rx) = watch::channel(0u64);
+    let hup_rx_tokens = hup_rx.clone();
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(ServeError::Signal)?;
     let hup_task = tokio::spawn(async move {
@@ -186,13 +187,38 @@ pub async fn serve_with(
         config.auth.as_ref().map(|a| a.push_group.clone()),
         &config.rules,
     );
-    let tokens = TokenSettings {
-        key: match &config.token.key_file {
+    let token_keys = Arc::new(TokenKeys::new(
+        match &config.token.key_file {
             Some(path) => {
                 TokenKey::from_file(path).map_err(|e| ServeError::Backend(e.to_string()))?
             }
             None => TokenKey::random(),
         },
+        config.token.expires_secs,
+    ));
+    if let Some(path) = &config.token.key_file {
+        let (keys, path) = (token_keys.clone(), path.clone());
+        let lifetime = config.token.expires_secs;
+        reloaders.push(crate::watch::spawn_reloader(
+            "token key",
+            vec![path.clone()],
+            interval,
+            hup_rx_tokens,
+            move || match TokenKey::from_file(&path) {
+                Ok(key) => {
+                    if keys.rotate(key, crate::auth::token::now_secs()) {
+                        tracing::info!(
+                            "token key changed: new tokens are signed with it; tokens of the \
+                             previous key are accepted for {lifetime} s more"
+                        );
+                    }
+                }
+                Err(e) => tracing::error!("{e}; keeping the current token key"),
+            },
+        ));
+    }
+    let tokens = TokenSettings {
+        key: token_keys,
         path: config.token.path.clone(),
         service: config.token.service.clone(),
         lifetime: Duration::from_secs(config.token.expires_secs),

@@ -7,7 +7,7 @@ mod common;
 use base64::Engine as _;
 use common::client::{Client, Resp, empty, full};
 use common::image::{UploadMode, pull_and_verify, push_image};
-use common::{PUSHER, Stack, StackOptions, VIEWER, pseudo_random_bytes};
+use common::{PUSHER, Stack, StackOptions, VIEWER, eventually, pseudo_random_bytes, replace_file};
 use registry_gate::auth::token::{Access, TokenKey, new_claims, now_secs};
 
 /// A gate in front of a registry with extra `[auth]` lines and extra tables.
@@ -419,6 +419,72 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
         );
         resp.assert_api_version_once(what);
     }
+}
+
+/// The shared token key is rotated by replacing its file (as a secret manager or
+/// `install` does): the gate signs with the new key without a restart, tokens it
+/// handed out before keep working for their lifetime, a key of neither is refused,
+/// and a broken file keeps the key in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_file_takes_over_without_a_restart() {
+    let key_dir = tempfile::tempdir().expect("tempdir");
+    let key_file = key_dir.path().join("token.key");
+    std::fs::write(&key_file, "a".repeat(48)).expect("write key");
+    let s = Setup::start("", &format!("[token]\nkey_file = {key_file:?}\n")).await;
+    let scope = ["repository:app:pull,push"];
+    let old_token = s.token(Some(PUSHER), &scope).await;
+    let post = |token: String| {
+        let client = s.bearer(&token);
+        async move {
+            client
+                .request("POST", "/v2/app/blobs/uploads/", &[], empty())
+                .await
+                .status
+                .as_u16()
+        }
+    };
+    assert_eq!(post(old_token.clone()).await, 202);
+
+    replace_file(&key_file, "b".repeat(48).as_bytes());
+    let new_key = TokenKey::from_file(&key_file).expect("key");
+    // The endpoint's tokens are signed with the new key once the file is seen.
+    let new_token = eventually("tokens signed with the new key", || async {
+        let t = s.token(Some(PUSHER), &scope).await;
+        new_key
+            .verify(&t, &s.service(), now_secs())
+            .is_ok()
+            .then_some(t)
+    })
+    .await;
+    assert_eq!(post(new_token.clone()).await, 202);
+    assert_eq!(post(old_token).await, 202, "a token of the previous key");
+    let third = TokenKey::from_file(&{
+        let p = key_dir.path().join("third.key");
+        std::fs::write(&p, "c".repeat(48)).expect("write key");
+        p
+    })
+    .expect("key");
+    let push = vec![Access {
+        kind: "repository".into(),
+        name: "app".into(),
+        actions: vec!["pull".into(), "push".into()],
+    }];
+    let foreign = third.sign(&new_claims(PUSHER.0, &s.service(), push, now_secs(), 300));
+    assert_eq!(post(foreign).await, 401, "a key the gate never had");
+
+    // A key file that became too short is refused; the new key stays in use.
+    replace_file(&key_file, b"short\n");
+    // Give the watcher several polls to see (and refuse) it.
+    tokio::time::sleep(std::time::Duration::from_millis(
+        5 * common::WATCH_INTERVAL_MS,
+    ))
+    .await;
+    let still = s.token(Some(PUSHER), &scope).await;
+    assert!(
+        new_key.verify(&still, &s.service(), now_secs()).is_ok(),
+        "after a broken key file the gate must keep signing with the key it had"
+    );
+    assert_eq!(post(new_token).await, 202);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

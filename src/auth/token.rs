@@ -124,6 +124,11 @@ impl TokenKey {
         TokenKey { key: key.to_vec() }
     }
 
+    #[cfg(test)]
+    fn from_bytes(key: &[u8]) -> Self {
+        TokenKey { key: key.to_vec() }
+    }
+
     /// The whole content of a file (trailing whitespace ignored) is the key.
     pub fn from_file(path: &Path) -> Result<Self, KeyError> {
         let raw = std::fs::read(path).map_err(|source| KeyError::Io {
@@ -189,6 +194,73 @@ impl TokenKey {
             return Err(TokenError::Expired);
         }
         Ok(claims)
+    }
+}
+
+/// The key tokens are signed with and, for one token lifetime after the key file
+/// changed, the key before it: tokens handed out just before a rotation keep working
+/// until they expire, and a leaked old key stops working soon after.
+pub struct TokenKeys {
+    lifetime_secs: u64,
+    ring: std::sync::RwLock<KeyRing>,
+}
+
+struct KeyRing {
+    current: TokenKey,
+    /// The key before the current one, and the last second it is accepted.
+    previous: Option<(TokenKey, u64)>,
+}
+
+impl TokenKeys {
+    pub fn new(key: TokenKey, lifetime_secs: u64) -> Self {
+        TokenKeys {
+            lifetime_secs,
+            ring: std::sync::RwLock::new(KeyRing {
+                current: key,
+                previous: None,
+            }),
+        }
+    }
+
+    fn ring(&self) -> std::sync::RwLockReadGuard<'_, KeyRing> {
+        // A panic while holding the lock cannot leave a half-written ring: the
+        // writer only swaps whole values.
+        self.ring.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn sign(&self, claims: &Claims) -> String {
+        self.ring().current.sign(claims)
+    }
+
+    /// [`TokenKey::verify`] with the current key, then with the previous one while
+    /// it is still accepted.
+    pub fn verify(&self, token: &str, service: &str, now: u64) -> Result<Claims, TokenError> {
+        let ring = self.ring();
+        match ring.current.verify(token, service, now) {
+            Err(TokenError::BadSignature) => match &ring.previous {
+                Some((key, until)) if now <= *until => key.verify(token, service, now),
+                _ => Err(TokenError::BadSignature),
+            },
+            other => other,
+        }
+    }
+
+    /// Make `key` the signing key at time `now`, if it is a new one. Returns whether
+    /// it changed.
+    pub fn rotate(&self, key: TokenKey, now: u64) -> bool {
+        let mut ring = self.ring.write().unwrap_or_else(|e| e.into_inner());
+        if bool::from(subtle::ConstantTimeEq::ct_eq(
+            key.key.as_slice(),
+            ring.current.key.as_slice(),
+        )) {
+            return false;
+        }
+        let until = now
+            .saturating_add(self.lifetime_secs)
+            .saturating_add(CLOCK_SKEW_SECS);
+        let old = std::mem::replace(&mut ring.current, key);
+        ring.previous = Some((old, until));
+        true
     }
 }
 
@@ -457,6 +529,54 @@ mod tests {
         let token = a.sign(&claims(100));
         assert!(b.verify(&token, "svc", 100).is_ok(), "same file, same key");
         assert!(!format!("{a:?}").contains("kkkk"));
+    }
+
+    #[test]
+    fn a_rotated_key_accepts_old_tokens_for_one_lifetime_only() {
+        let now = 1_800_000_000;
+        let old = TokenKey::from_bytes(&[1; 32]);
+        let keys = TokenKeys::new(TokenKey::from_bytes(&[1; 32]), 300);
+        let before = keys.sign(&claims(now));
+        assert!(
+            !keys.rotate(TokenKey::from_bytes(&[1; 32]), now),
+            "same key"
+        );
+        assert!(keys.rotate(TokenKey::from_bytes(&[2; 32]), now));
+        let after = keys.sign(&claims(now));
+        assert!(
+            TokenKey::from_bytes(&[2; 32])
+                .verify(&after, "svc", now)
+                .is_ok()
+        );
+        assert!(
+            old.verify(&after, "svc", now).is_err(),
+            "signed with the new key"
+        );
+        // A token of the old key: accepted during one lifetime (and the clock skew).
+        let mut long = claims(now);
+        long.exp = now + 10_000;
+        let long = old.sign(&long);
+        assert!(keys.verify(&before, "svc", now + 10).is_ok());
+        assert!(
+            keys.verify(&long, "svc", now + 300 + CLOCK_SKEW_SECS)
+                .is_ok()
+        );
+        assert_eq!(
+            keys.verify(&long, "svc", now + 301 + CLOCK_SKEW_SECS),
+            Err(TokenError::BadSignature)
+        );
+        // Another rotation forgets the first key at once.
+        assert!(keys.rotate(TokenKey::from_bytes(&[3; 32]), now + 20));
+        assert_eq!(
+            keys.verify(&long, "svc", now + 20),
+            Err(TokenError::BadSignature)
+        );
+        assert!(keys.verify(&after, "svc", now + 20).is_ok());
+        // Failures other than the signature are not retried with the old key.
+        assert_eq!(
+            keys.verify(&after, "other", now + 20),
+            Err(TokenError::WrongService)
+        );
     }
 
     #[test]

@@ -30,7 +30,7 @@ use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
 use crate::auth::policy::{Action, Caller, Policy};
-use crate::auth::token::{self, TokenKey};
+use crate::auth::token::{self, TokenKeys};
 use crate::auth::{
     Authenticator, CredentialError, Credentials, Identity, PasswordCheck, parse_authorization,
 };
@@ -46,7 +46,8 @@ const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE";
 
 /// How tokens are issued and checked.
 pub struct TokenSettings {
-    pub key: TokenKey,
+    /// Shared with the key file's reloader.
+    pub key: Arc<TokenKeys>,
     /// Path of the token endpoint, e.g. `/token`.
     pub path: String,
     /// Configured service name; `None`: the host of the public URL or request.
