@@ -26,6 +26,26 @@ impl Setup {
         Setup { stack }
     }
 
+    /// A gate whose `[token] key_file` holds `fill` repeated 48 times; the directory
+    /// lives as long as the returned guard.
+    async fn with_key_file(fill: &str) -> (tempfile::TempDir, std::path::PathBuf, Setup) {
+        let key_dir = tempfile::tempdir().expect("tempdir");
+        let key_file = key_dir.path().join("token.key");
+        std::fs::write(&key_file, fill.repeat(48)).expect("write key");
+        let s = Setup::start("", &format!("[token]\nkey_file = {key_file:?}\n")).await;
+        (key_dir, key_file, s)
+    }
+
+    /// POST an upload to `app` with a bearer token.
+    fn post_upload(&self, token: String) -> impl std::future::Future<Output = Resp> + use<> {
+        let client = self.bearer(&token);
+        async move {
+            client
+                .request("POST", "/v2/app/blobs/uploads/", &[], empty())
+                .await
+        }
+    }
+
     fn client(&self) -> Client {
         self.stack.client()
     }
@@ -348,25 +368,11 @@ async fn writes_need_a_token_with_the_action() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_expired_and_foreign_tokens_are_refused() {
-    let key_dir = tempfile::tempdir().expect("tempdir");
-    let key_file = key_dir.path().join("token.key");
-    std::fs::write(&key_file, "k".repeat(48)).expect("write key");
-    let s = Setup::start("", &format!("[token]\nkey_file = {key_file:?}\n")).await;
+    let (_key_dir, key_file, s) = Setup::with_key_file("k").await;
     let key = TokenKey::from_file(&key_file).expect("key");
-    let push = vec![Access {
-        kind: "repository".into(),
-        name: "app".into(),
-        actions: vec!["pull".into(), "push".into()],
-    }];
+    let push = push_app();
     let now = now_secs();
-    let post = |token: String| {
-        let client = s.bearer(&token);
-        async move {
-            client
-                .request("POST", "/v2/app/blobs/uploads/", &[], empty())
-                .await
-        }
-    };
+    let post = |token: String| s.post_upload(token);
     // Signed with the shared key, for this service, valid now: accepted (the key file
     // is what lets several gates accept each other's tokens).
     let good = key.sign(&new_claims(PUSHER.0, &s.service(), push.clone(), now, 300));
@@ -421,27 +427,27 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
     }
 }
 
+/// Pull and push on `app`, as a token grants them.
+fn push_app() -> Vec<Access> {
+    vec![Access {
+        kind: "repository".into(),
+        name: "app".into(),
+        actions: vec!["pull".into(), "push".into()],
+    }]
+}
+
 /// The shared token key is rotated by replacing its file (as a secret manager or
 /// `install` does): the gate signs with the new key without a restart, tokens it
 /// handed out before keep working for their lifetime, a key of neither is refused,
 /// and a broken file keeps the key in use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_key_file_takes_over_without_a_restart() {
-    let key_dir = tempfile::tempdir().expect("tempdir");
-    let key_file = key_dir.path().join("token.key");
-    std::fs::write(&key_file, "a".repeat(48)).expect("write key");
-    let s = Setup::start("", &format!("[token]\nkey_file = {key_file:?}\n")).await;
+    let (key_dir, key_file, s) = Setup::with_key_file("a").await;
     let scope = ["repository:app:pull,push"];
     let old_token = s.token(Some(PUSHER), &scope).await;
     let post = |token: String| {
-        let client = s.bearer(&token);
-        async move {
-            client
-                .request("POST", "/v2/app/blobs/uploads/", &[], empty())
-                .await
-                .status
-                .as_u16()
-        }
+        let upload = s.post_upload(token);
+        async move { upload.await.status.as_u16() }
     };
     assert_eq!(post(old_token.clone()).await, 202);
 
@@ -464,12 +470,13 @@ async fn a_rotated_key_file_takes_over_without_a_restart() {
         p
     })
     .expect("key");
-    let push = vec![Access {
-        kind: "repository".into(),
-        name: "app".into(),
-        actions: vec!["pull".into(), "push".into()],
-    }];
-    let foreign = third.sign(&new_claims(PUSHER.0, &s.service(), push, now_secs(), 300));
+    let foreign = third.sign(&new_claims(
+        PUSHER.0,
+        &s.service(),
+        push_app(),
+        now_secs(),
+        300,
+    ));
     assert_eq!(post(foreign).await, 401, "a key the gate never had");
 
     // A key file that became too short is refused; the new key stays in use.
