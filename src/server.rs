@@ -245,6 +245,12 @@ pub async fn serve_with(
     http.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(256)
+        // Rapid reset (CVE-2023-44487) and its server-side twin: a connection whose
+        // peer resets more than 20 streams before they are served, or provokes more
+        // than 1024 resets by the gate, ends with GOAWAY (hyper's defaults, stated
+        // here because tests/hostile.rs relies on them).
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(1024)
         .max_header_list_size(64 * 1024)
         .initial_stream_window_size(1024 * 1024)
         .initial_connection_window_size(4 * 1024 * 1024);

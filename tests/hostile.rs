@@ -5,6 +5,8 @@
 //! the gate wrote it) or a closed connection, nothing of it reaches the upstream, and
 //! the gate goes on serving everybody else.
 //!
+//! At the HTTP/2 frame level: a rapid-reset flood (CVE-2023-44487) is cut off.
+//!
 //! (`proxy.rs` covers path tricks, absolute-form targets, forwarding headers and a
 //! first list of methods; `tokens.rs` forged and expired tokens.)
 
@@ -1040,4 +1042,70 @@ async fn after_all_that_a_push_and_pull_still_work() {
     pull_and_verify(&stack.client().http2(), "hostile/app", "v2", &after).await;
     stack.assert_never_reached_upstream("probe-after").await;
     stack.gate.stop().await;
+}
+
+/// HTTP/2 rapid reset (CVE-2023-44487): a client opens stream after stream and
+/// cancels each at once, so no concurrency limit ever applies while every stream
+/// costs the server a request. The gate (hyper's h2 limit on streams reset before
+/// they were accepted) ends such a connection with GOAWAY ENHANCE_YOUR_CALM long
+/// before the flood is over, few of the requests reach the upstream, and everyone
+/// else is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_rapid_reset_flood_is_cut_off() {
+    const STREAMS: usize = 20_000;
+    let stack = Stack::start().await;
+    let tls = stack
+        .client()
+        .try_connect(&[b"h2"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, connection) = h2::client::handshake(tls).await.expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    let authority = stack.gate.authority();
+    let mut sent = 0;
+    for i in 0..STREAMS {
+        send = match send.ready().await {
+            Ok(s) => s,
+            Err(_) => break,
+        };
+        let request = http::Request::get(format!(
+            "https://{authority}/v2/rapid-reset/app/manifests/t{i}"
+        ))
+        .body(())
+        .expect("request");
+        match send.send_request(request, true) {
+            // Dropping the response cancels the stream: RST_STREAM(CANCEL).
+            Ok((response, _)) => drop(response),
+            Err(_) => break,
+        }
+        sent += 1;
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(30), connection)
+        .await
+        .expect("the gate must end a rapid-reset connection")
+        .expect("connection task");
+    let error = ended.expect_err("the connection must end with GOAWAY, not cleanly");
+    // The GOAWAY itself, or the closed socket under a client still writing.
+    assert!(
+        error.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || error.is_io(),
+        "after {sent} streams: {error}"
+    );
+    assert!(
+        sent < STREAMS,
+        "all {STREAMS} streams were taken before the gate reacted"
+    );
+    let reached = stack
+        .upstream
+        .access_log()
+        .matches("/v2/rapid-reset/")
+        .count();
+    assert!(
+        reached < 1000,
+        "{reached} of {sent} cancelled requests reached the upstream"
+    );
+    eprintln!("rapid reset: {sent} streams sent, {reached} reached the upstream");
+    // Everybody else is still served, over HTTP/2 too.
+    let resp = stack.pusher().http2().get("/v2/").await;
+    assert_eq!(resp.status.as_u16(), 200, "{}", resp.text());
 }
