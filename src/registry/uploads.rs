@@ -281,9 +281,25 @@ async fn append(
         path,
     } = locked;
     let before = state.size;
-    let (state, result) = digest::append_body(path, state, body).await;
-    let after = state.size;
-    *guard = Some(state);
+    // In a task of its own, holding the session's lock: if this request is dropped
+    // (its connection torn down), the write under way still finishes and its hash is
+    // stored before another request may touch the session.
+    let appended = tokio::spawn(async move {
+        let (state, result) = digest::append_body(path, state, body).await;
+        let after = state.size;
+        *guard = Some(state);
+        (after, result)
+    })
+    .await;
+    let (after, result) = match appended {
+        Ok(done) => done,
+        Err(e) => (
+            before,
+            Err(AppendError::Storage(std::io::Error::other(format!(
+                "append task failed: {e}"
+            )))),
+        ),
+    };
     match result {
         Ok(()) => {}
         Err(AppendError::Client(e)) => {
@@ -421,9 +437,14 @@ async fn complete(
     let req = Request::new(body);
     append(reg, repo, id, req, ctx).await?;
     let session = reg.uploads.entry(repo, id);
+    // Held until the blob is committed or refused: no PATCH may add bytes between
+    // the check and the commit.
     let guard = session.lock().await;
+    let (r, i) = (repo.clone(), id.clone());
+    let on_disk = reg.storage.blocking(move |s| s.upload_size(&r, &i)).await?;
     let computed = match (d.algorithm(), guard.as_ref()) {
-        ("sha256", Some(state)) => state.sha256(),
+        // The running hash, when it covers exactly the file.
+        ("sha256", Some(state)) if on_disk == Some(state.size) => state.sha256(),
         _ => {
             let (r, i) = (repo.clone(), id.clone());
             let alg = d.algorithm().to_owned();
@@ -443,12 +464,12 @@ async fn complete(
                 .await?
         }
     };
-    drop(guard);
     let (r, i) = (repo.clone(), id.clone());
     if computed != d.as_str() {
         reg.storage
             .blocking(move |s| s.cancel_upload(&r, &i))
             .await?;
+        drop(guard);
         reg.uploads.remove(repo, id);
         return Err(OciError::new(
             ErrorCode::DigestInvalid,
@@ -460,6 +481,7 @@ async fn complete(
     reg.storage
         .blocking(move |s| s.commit_upload(&r, &i, &d2))
         .await?;
+    drop(guard);
     reg.uploads.remove(repo, id);
     created(ctx, repo, &d)
 }
