@@ -149,7 +149,6 @@ pub async fn serve_with(
 
     // Reloads: file changes and SIGHUP.
     let (hup_tx, hup_rx) = watch::channel(0u64);
-    let hup_rx_tokens = hup_rx.clone();
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(ServeError::Signal)?;
     let hup_task = tokio::spawn(async move {
@@ -176,7 +175,7 @@ pub async fn serve_with(
             "auth",
             auth.paths(),
             interval,
-            hup_rx,
+            hup_rx.clone(),
             move || {
                 a.reload();
             },
@@ -203,7 +202,7 @@ pub async fn serve_with(
             "token key",
             vec![path.clone()],
             interval,
-            hup_rx_tokens,
+            hup_rx,
             move || match TokenKey::from_file(&path) {
                 Ok(key) => {
                     if keys.rotate(key, crate::auth::token::now_secs()) {

@@ -266,6 +266,14 @@ mod tests {
         }
     }
 
+    /// An empty upload data file in a directory that lives as long as the guard.
+    fn empty_upload_file() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("data");
+        std::fs::write(&path, b"").expect("create");
+        (dir, path)
+    }
+
     fn frames(total: usize, fail_at_end: bool) -> (Vec<u8>, Body) {
         let all: Vec<u8> = (0..total).map(|i| (i * 31 % 251) as u8).collect();
         let mut chunks = std::collections::VecDeque::new();
@@ -286,9 +294,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_frames_across_batches_are_written_and_hashed_in_order() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("data");
-        std::fs::write(&path, b"").expect("create");
+        let (_dir, path) = empty_upload_file();
         let (all, body) = frames(5 * BATCH + 12_345, false);
         let (state, result) = append_body(path.clone(), HashState::default(), body).await;
         result.expect("append");
@@ -299,9 +305,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_body_that_fails_keeps_what_arrived_with_a_matching_hash() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("data");
-        std::fs::write(&path, b"").expect("create");
+        let (_dir, path) = empty_upload_file();
         let (all, body) = frames(3 * BATCH + 7, true);
         let (state, result) = append_body(path.clone(), HashState::default(), body).await;
         assert!(matches!(result, Err(AppendError::Client(_))), "{result:?}");
@@ -316,9 +320,7 @@ mod tests {
 
     #[tokio::test]
     async fn append_hashes_what_it_writes() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("data");
-        std::fs::write(&path, b"").expect("create");
+        let (_dir, path) = empty_upload_file();
         let big = vec![7u8; 3 * BATCH + 5];
         let (state, result) = append_body(
             path.clone(),
