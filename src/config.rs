@@ -158,12 +158,14 @@ pub struct UpstreamConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
-    /// Root of the built-in registry's files (CNCF distribution layout).
-    pub root: PathBuf,
+    /// Root of the built-in registry's files on the local disk (CNCF distribution
+    /// layout). Exactly one of `root` and `[storage.s3]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<PathBuf>,
     /// Whether DELETE of manifests, tags and blobs is allowed.
     #[serde(default)]
     pub delete: bool,
-    /// Uploads started longer ago than this are removed as abandoned.
+    /// Uploads idle for longer than this are removed as abandoned.
     #[serde(default = "default_purge_uploads")]
     pub purge_uploads_after_secs: u64,
     /// Run garbage collection inside the server this often (0: never; use
@@ -173,9 +175,53 @@ pub struct StorageConfig {
     /// Whether the scheduled collection also removes untagged manifests.
     #[serde(default)]
     pub gc_delete_untagged: bool,
-    /// Content touched this long before a collection started is kept as well.
+    /// Content written this long before a collection started is kept as well.
     #[serde(default = "default_gc_grace")]
     pub gc_grace_secs: u64,
+    /// The built-in registry stores in an S3-compatible object store instead of
+    /// `root`; several gates may share it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Config>,
+}
+
+/// `[storage.s3]`: an S3-compatible bucket (AWS S3, Garage, MinIO, Ceph RGW).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// `http(s)://host:port` of the service; absent: AWS S3 in `region`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default = "default_s3_region")]
+    pub region: String,
+    pub bucket: String,
+    /// Key prefix of everything stored, like distribution's `rootdirectory`.
+    #[serde(default)]
+    pub prefix: String,
+    /// Access key id; absent: `AWS_ACCESS_KEY_ID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    /// A file holding the secret access key; absent: `AWS_SECRET_ACCESS_KEY`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Blob GETs are answered with a 307 to a presigned URL of the store (as
+    /// distribution's `redirect`): clients must be able to reach the store.
+    #[serde(default)]
+    pub redirect: bool,
+}
+
+impl StorageConfig {
+    /// A filesystem store at `root` with every other setting at its default.
+    pub fn at(root: &Path) -> StorageConfig {
+        StorageConfig {
+            root: Some(root.to_owned()),
+            delete: false,
+            purge_uploads_after_secs: default_purge_uploads(),
+            gc_interval_secs: 0,
+            gc_delete_untagged: false,
+            gc_grace_secs: default_gc_grace(),
+            s3: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -240,6 +286,9 @@ fn default_cache_secs() -> u64 {
 }
 fn default_gc_grace() -> u64 {
     3600
+}
+fn default_s3_region() -> String {
+    "us-east-1".into()
 }
 fn default_purge_uploads() -> u64 {
     24 * 3600
@@ -355,6 +404,69 @@ pub fn parse_upstream_url(url: &str) -> Result<UpstreamUrl, String> {
     })
 }
 
+/// Check `[storage.s3]` as far as can be done without contacting the store (that is
+/// `check-config`'s and the start's job); the secret file must be readable.
+fn validate_s3(s3: &S3Config) -> Result<(), (&'static str, String)> {
+    if let Some(endpoint) = &s3.endpoint {
+        let uri: http::Uri = endpoint.parse().map_err(|e| {
+            (
+                "storage.s3.endpoint",
+                format!("{endpoint:?} is not a URL: {e}"),
+            )
+        })?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+            return Err((
+                "storage.s3.endpoint",
+                format!("{endpoint:?} must be http://host:port or https://host:port"),
+            ));
+        }
+    }
+    let bucket_ok = (3..=63).contains(&s3.bucket.len())
+        && s3
+            .bucket
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    if !bucket_ok {
+        return Err((
+            "storage.s3.bucket",
+            format!(
+                "{:?} is not a bucket name (3 to 63 lowercase letters, digits, '-' and '.')",
+                s3.bucket
+            ),
+        ));
+    }
+    if s3.region.is_empty() {
+        return Err(("storage.s3.region", "must not be empty".into()));
+    }
+    let prefix = s3.prefix.trim_matches('/');
+    let prefix_ok = prefix.is_empty()
+        || prefix.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+        });
+    if !prefix_ok {
+        return Err((
+            "storage.s3.prefix",
+            format!(
+                "{:?}: use path components of letters, digits, '-', '_' and '.'",
+                s3.prefix
+            ),
+        ));
+    }
+    if let Some(file) = &s3.secret_access_key_file {
+        std::fs::File::open(file).map(drop).map_err(|e| {
+            (
+                "storage.s3.secret_access_key_file",
+                format!("{}: {e}", file.display()),
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// The public base URL without a trailing slash, validated.
 pub fn parse_public_url(url: &str) -> Result<String, String> {
     let uri: http::Uri = url
@@ -422,7 +534,16 @@ impl Config {
             abs(&mut auth.groups);
         }
         if let Some(storage) = &mut self.storage {
-            abs(&mut storage.root);
+            if let Some(root) = &mut storage.root {
+                abs(root);
+            }
+            if let Some(secret) = storage
+                .s3
+                .as_mut()
+                .and_then(|s| s.secret_access_key_file.as_mut())
+            {
+                abs(secret);
+            }
         }
         if let Some(key) = &mut self.token.key_file {
             abs(key);
@@ -520,19 +641,37 @@ impl Config {
         if self.upstream.is_none() && self.storage.is_none() {
             return Err(invalid(
                 "storage",
-                "configure [upstream] url (front an existing registry) or [storage] root \
-                 (the built-in registry)"
+                "configure [upstream] url (front an existing registry), [storage] root \
+                 (the built-in registry on the local disk) or [storage.s3] (the built-in \
+                 registry on an object store)"
                     .into(),
             ));
         }
-        if let Some(storage) = &self.storage
-            && storage.root.exists()
-            && !storage.root.is_dir()
-        {
-            return Err(invalid(
-                "storage.root",
-                format!("{} is not a directory", storage.root.display()),
-            ));
+        if let Some(storage) = &self.storage {
+            match (&storage.root, &storage.s3) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        "storage.root",
+                        "give either [storage] root (the local disk) or [storage.s3], not \
+                         both"
+                            .into(),
+                    ));
+                }
+                (None, None) => {
+                    return Err(invalid(
+                        "storage.root",
+                        "[storage] needs root (a directory) or a [storage.s3] table".into(),
+                    ));
+                }
+                (Some(root), None) if root.exists() && !root.is_dir() => {
+                    return Err(invalid(
+                        "storage.root",
+                        format!("{} is not a directory", root.display()),
+                    ));
+                }
+                (Some(_), None) => {}
+                (None, Some(s3)) => validate_s3(s3).map_err(|(key, m)| invalid(key, m))?,
+            }
         }
         if self.watch_interval_ms < 50 {
             return Err(invalid("watch_interval_ms", "must be at least 50".into()));

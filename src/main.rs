@@ -112,11 +112,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Serve { config } => {
             let config = Config::load(&config).map_err(|e| e.to_string())?;
             logging::init(&config.log);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| format!("cannot start the runtime: {e}"))?;
-            runtime.block_on(async {
+            runtime()?.block_on(async {
                 let listener = server::bind(config.listen)
                     .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
                 server::serve(config, listener, shutdown_signal())
@@ -132,6 +128,16 @@ fn run(cli: Cli) -> Result<(), String> {
             if let Some(auth) = &loaded.auth {
                 registry_gate::auth::Authenticator::load(auth).map_err(|e| e.to_string())?;
             }
+            // Reach the storage as the server would (an object store: list one key).
+            if loaded.upstream.is_none()
+                && let Some(storage) = &loaded.storage
+            {
+                let store = registry_gate::registry::open_storage(storage)?;
+                runtime()?
+                    .block_on(store.check())
+                    .map_err(|e| format!("storage: {e}"))?;
+                eprintln!("storage: {} answers", store.describe());
+            }
             print!("{}", loaded.to_toml_masked());
             eprintln!("{}: OK", config.display());
             Ok(())
@@ -144,27 +150,40 @@ fn run(cli: Cli) -> Result<(), String> {
         } => {
             let loaded = Config::load(&config).map_err(|e| e.to_string())?;
             logging::init(&loaded.log);
-            let storage = loaded.storage.ok_or_else(|| {
-                format!(
-                    "{} has no [storage]: gc is for the built-in registry",
-                    config.display()
-                )
-            })?;
-            let store = registry_gate::registry::storage::FsStorage::open(&storage.root)
-                .map_err(|e| e.to_string())?;
+            let storage = match (&loaded.upstream, &loaded.storage) {
+                (None, Some(storage)) => storage.clone(),
+                _ => {
+                    return Err(format!(
+                        "{} has no built-in registry ([storage] without [upstream]): gc is \
+                         for the built-in registry",
+                        config.display()
+                    ));
+                }
+            };
+            let store = registry_gate::registry::store::Store::new(
+                registry_gate::registry::open_storage(&storage)?,
+            );
             let options = registry_gate::registry::gc::GcOptions {
                 dry_run,
                 delete_untagged,
                 grace: std::time::Duration::from_secs(grace_secs),
             };
-            let report =
-                registry_gate::registry::gc::collect(&store, options).map_err(|e| e.to_string())?;
+            let report = runtime()?
+                .block_on(registry_gate::registry::gc::collect(&store, options))
+                .map_err(|e| e.to_string())?;
             let verb = if dry_run { "would remove" } else { "removed" };
             for m in &report.manifests_removed {
                 println!("{verb} manifest {m}");
             }
             for (d, size) in &report.blobs_removed {
                 println!("{verb} blob {d} ({size} bytes)");
+            }
+            if report.blobs_young > 0 {
+                println!(
+                    "{} blobs ({}) unreferenced but younger than the grace period ({grace_secs} s), kept",
+                    report.blobs_young,
+                    mib(report.bytes_young)
+                );
             }
             println!(
                 "{} repositories, {} manifests kept; {verb} {} manifests and {} blobs, {} bytes",
@@ -181,6 +200,18 @@ fn run(cli: Cli) -> Result<(), String> {
             user_command(action)
         }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+/// Bytes in MiB with one decimal, for people.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 fn user_files(files: &UserFiles) -> Result<(PathBuf, PathBuf), String> {

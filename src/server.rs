@@ -114,14 +114,23 @@ pub async fn serve_with(
     let backend: Arc<dyn Backend> = match (&config.upstream, &config.storage) {
         (Some(up), _) => Arc::new(Proxy::new(up, metrics.clone()).map_err(ServeError::Upstream)?),
         (None, Some(storage)) => {
-            let registry = Arc::new(
-                Registry::open(storage)
-                    .map_err(|e| ServeError::Backend(format!("storage: {e}")))?,
-            );
+            let registry = Arc::new(Registry::open(storage).map_err(ServeError::Backend)?);
+            // A store that refuses us (wrong key, no such bucket) is a configuration
+            // error; one that cannot be reached yet may come back: serve, not ready.
+            match registry.store().storage().check().await {
+                Ok(()) => {}
+                Err(e @ crate::registry::storage::StorageError::Refused { .. }) => {
+                    return Err(ServeError::Backend(format!("storage: {e}")));
+                }
+                Err(e) => tracing::error!("storage not usable yet (serving, not ready): {e}"),
+            }
             background.push(
                 registry.spawn_upload_purger(Duration::from_secs(storage.purge_uploads_after_secs)),
             );
-            background.push(registry.spawn_sampler(metrics.clone(), Duration::from_secs(60)));
+            // Sampling walks every blob: rarely on an object store, where it is requests.
+            let sample_every = if storage.s3.is_some() { 600 } else { 60 };
+            background
+                .push(registry.spawn_sampler(metrics.clone(), Duration::from_secs(sample_every)));
             if storage.gc_interval_secs > 0 {
                 background.push(registry.spawn_gc(
                     Duration::from_secs(storage.gc_interval_secs),

@@ -3,86 +3,21 @@
 //! ```text
 //! GET|HEAD /v2/<name>/blobs/<digest>            → 200, Docker-Content-Digest
 //! GET      … Range: bytes=<start>-<end>         → 206 Content-Range; unsatisfiable → 416
+//! GET      … with `[storage.s3] redirect = true` → 307 to a presigned URL of the store
 //! DELETE   /v2/<name>/blobs/<digest>            → 202 (when deletes are enabled)
 //! ```
 //!
-//! Content streams from the file in fixed-size reads with backpressure: memory does not
-//! grow with the blob or with a slow reader.
+//! Content streams from the storage with backpressure: memory does not grow with the
+//! blob or with a slow reader.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body::{Frame, SizeHint};
-use tokio::io::AsyncSeekExt;
 
+use super::storage::{Layout, Meta};
 use super::{Handled, Registry, empty_response, header_value};
-use crate::body::{self, Body, BoxError};
+use crate::body::Body;
 use crate::error::{ErrorCode, OciError};
 use crate::route::{Digest, RepoName};
-
-/// Bytes read from the file at a time.
-const READ_SIZE: usize = 256 * 1024;
-
-/// A response body that reads a file from its current position, `remaining` bytes.
-pub struct FileBody {
-    file: tokio::fs::File,
-    remaining: u64,
-    buf: BytesMut,
-}
-
-impl FileBody {
-    pub fn new(file: tokio::fs::File, remaining: u64) -> Self {
-        FileBody {
-            file,
-            remaining,
-            buf: BytesMut::new(),
-        }
-    }
-}
-
-impl http_body::Body for FileBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        if this.remaining == 0 {
-            return Poll::Ready(None);
-        }
-        let want = READ_SIZE.min(usize::try_from(this.remaining).unwrap_or(READ_SIZE));
-        if this.buf.capacity() < want {
-            this.buf.reserve(want);
-        }
-        let mut limited = (&mut this.buf).limit(want);
-        match tokio_util::io::poll_read_buf(Pin::new(&mut this.file), cx, &mut limited) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(Ok(0)) => {
-                Poll::Ready(Some(Err("blob file ended before its length".into())))
-            }
-            Poll::Ready(Ok(n)) => {
-                this.remaining -= n as u64;
-                Poll::Ready(Some(Ok(Frame::data(this.buf.split().freeze()))))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.remaining == 0
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.remaining)
-    }
-}
-
-use bytes::BufMut as _;
 
 /// A single byte range from a `Range` header, resolved against `len`.
 #[derive(Debug, PartialEq, Eq)]
@@ -156,20 +91,29 @@ pub async fn get(
     req: &Request<Body>,
     head: bool,
 ) -> Handled {
-    let (r, d2) = (repo.clone(), d.clone());
-    let opened = reg
-        .storage
-        .blocking(move |s| {
-            if !s.layer_linked(&r, &d2)? {
-                return Ok(None);
-            }
-            s.open_blob(&d2)
-        })
-        .await?;
-    let Some((file, len)) = opened else {
+    let store = &reg.store;
+    let content = Layout.blob_data(d);
+    let link = Layout.layer_link(repo, d);
+    let range_header = req.headers().get(header::RANGE);
+    // Whether the repository has the blob, asked beside the content itself: one round
+    // trip to the store, not two. A whole GET opens the content at once; a HEAD, a
+    // Range or a redirect needs the size first.
+    let whole_get = !head && range_header.is_none();
+    let (linked, object, meta) = if whole_get {
+        let (linked, object) =
+            tokio::join!(store.read_link(&link), store.storage().get(&content, None));
+        let object = object?;
+        let meta = object.as_ref().map(|o| o.meta.clone());
+        (linked?, object, meta)
+    } else {
+        let (linked, meta) = tokio::join!(store.read_link(&link), store.storage().head(&content));
+        (linked?, None, meta?)
+    };
+    let Some(meta) = meta.filter(|_| linked.as_ref() == Some(d)) else {
         return Err(blob_unknown(d));
     };
-    let range = parse_range(req.headers().get(header::RANGE), len);
+    let len = meta.size;
+    let range = parse_range(range_header, len);
     let (status, start, count) = match range {
         RangeRequest::Whole => (StatusCode::OK, 0, len),
         RangeRequest::Part { start, end } => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
@@ -184,22 +128,46 @@ pub async fn get(
             return Ok(resp);
         }
     };
+    if !head && let Some(url) = store.storage().redirect_url(&content).await? {
+        // As distribution does with `redirect`: the client fetches the content from
+        // the store directly (the URL is signed for this object only and expires).
+        let mut resp = empty_response(StatusCode::TEMPORARY_REDIRECT);
+        let h = resp.headers_mut();
+        h.insert(header::LOCATION, header_value(&url)?);
+        h.insert("docker-content-digest", header_value(d.as_str())?);
+        return Ok(resp);
+    }
     let mut resp = if head {
         empty_response(status)
     } else {
-        let mut file = tokio::fs::File::from_std(file);
-        if start > 0 {
-            file.seek(std::io::SeekFrom::Start(start))
-                .await
-                .map_err(|e| super::storage::StorageError::Io {
-                    what: format!("seek in blob {d}"),
-                    source: e,
-                })?;
-        }
-        let mut resp = Response::new(body::boxed(FileBody::new(file, count)));
+        let object = match object {
+            Some(o) if status == StatusCode::OK => o,
+            _ => {
+                let wanted =
+                    (status == StatusCode::PARTIAL_CONTENT).then_some(start..start + count);
+                store
+                    .storage()
+                    .get(&content, wanted)
+                    .await?
+                    .ok_or_else(|| blob_unknown(d))?
+            }
+        };
+        let mut resp = Response::new(object.body);
         *resp.status_mut() = status;
         resp
     };
+    blob_headers(&mut resp, d, &meta, status, start, count)?;
+    Ok(resp)
+}
+
+fn blob_headers(
+    resp: &mut Response<Body>,
+    d: &Digest,
+    meta: &Meta,
+    status: StatusCode,
+    start: u64,
+    count: u64,
+) -> Result<(), super::Failure> {
     let h = resp.headers_mut();
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
     h.insert(
@@ -216,20 +184,19 @@ pub async fn get(
     if status == StatusCode::PARTIAL_CONTENT {
         h.insert(
             header::CONTENT_RANGE,
-            header_value(&format!("bytes {start}-{}/{len}", start + count - 1))?,
+            header_value(&format!(
+                "bytes {start}-{}/{}",
+                start + count - 1,
+                meta.size
+            ))?,
         );
     }
-    Ok(resp)
+    Ok(())
 }
 
 pub async fn delete(reg: &Registry, repo: &RepoName, d: &Digest) -> Handled {
     reg.deletes_enabled()?;
-    let (r, d2) = (repo.clone(), d.clone());
-    if !reg
-        .storage
-        .blocking(move |s| s.unlink_layer(&r, &d2))
-        .await?
-    {
+    if !reg.store.unlink_layer(repo, d).await? {
         return Err(blob_unknown(d));
     }
     Ok(empty_response(StatusCode::ACCEPTED))

@@ -67,8 +67,7 @@ fn link_next(path: &str, n: Option<usize>, last: Option<&String>) -> Result<Head
 }
 
 pub async fn tags(reg: &Registry, repo: &RepoName, req: &Request<Body>) -> Handled {
-    let r = repo.clone();
-    let Some(all) = reg.storage.blocking(move |s| s.list_tags(&r)).await? else {
+    let Some(all) = reg.store.list_tags(repo).await? else {
         return Err(OciError::new(
             ErrorCode::NameUnknown,
             format!("repository {repo} is not known"),
@@ -87,7 +86,7 @@ pub async fn tags(reg: &Registry, repo: &RepoName, req: &Request<Body>) -> Handl
 }
 
 pub async fn catalog(reg: &Registry, req: &Request<Body>) -> Handled {
-    let all = reg.storage.blocking(|s| s.list_repositories()).await?;
+    let all = reg.store.list_repositories().await?;
     let (repos, n, more) = page(all, req)?;
     let json = serde_json::json!({ "repositories": repos }).to_string();
     let mut resp = json_response(StatusCode::OK, json);
@@ -105,52 +104,61 @@ pub async fn referrers(
     req: &Request<Body>,
 ) -> Handled {
     let filter = query_param(req, "artifactType");
-    let (r, target) = (repo.clone(), subject.clone());
-    let found = reg
-        .storage
-        .blocking(move |s| {
-            let mut out = Vec::new();
-            for d in s.list_revisions(&r)? {
-                let Some(bytes) = s.read_blob(&d, MAX_MANIFEST_BYTES as u64)? else {
-                    continue;
-                };
-                let Ok(json) = serde_json::from_slice::<Value>(&bytes) else {
-                    continue;
-                };
-                let points_here = json
-                    .get("subject")
-                    .and_then(|s| s.get("digest"))
-                    .and_then(Value::as_str)
-                    == Some(target.as_str());
-                if !points_here {
-                    continue;
-                }
-                // artifactType, else (image manifests) the config's media type.
-                let artifact_type = json
-                    .get("artifactType")
-                    .and_then(Value::as_str)
-                    .or_else(|| {
-                        json.get("config")
-                            .and_then(|c| c.get("mediaType"))
-                            .and_then(Value::as_str)
-                    })
-                    .map(str::to_owned);
-                let mut desc = serde_json::json!({
-                    "mediaType": media_type_of(&json),
-                    "digest": d.as_str(),
-                    "size": bytes.len(),
-                });
-                if let (Some(at), Some(map)) = (&artifact_type, desc.as_object_mut()) {
-                    map.insert("artifactType".into(), Value::String(at.clone()));
-                }
-                if let (Some(ann), Some(map)) = (json.get("annotations"), desc.as_object_mut()) {
-                    map.insert("annotations".into(), ann.clone());
-                }
-                out.push((artifact_type, desc));
+    use futures_util::{StreamExt, TryStreamExt};
+    let store = &reg.store;
+    let revisions = store.list_revisions(repo).await?;
+    // Manifest content comes from memory once read; a cold listing reads several at
+    // a time.
+    let contents: Vec<(Digest, Option<bytes::Bytes>)> =
+        futures_util::stream::iter(revisions.into_iter().map(|(d, _)| {
+            let store = store.clone();
+            async move {
+                let bytes = store.manifest_content(&d).await?;
+                Ok::<_, Failure>((d, bytes))
             }
-            Ok(out)
-        })
+        }))
+        .buffered(16)
+        .try_collect()
         .await?;
+    let mut found = Vec::new();
+    for (d, bytes) in contents {
+        let Some(bytes) = bytes.filter(|b| b.len() <= MAX_MANIFEST_BYTES) else {
+            continue;
+        };
+        let Ok(json) = serde_json::from_slice::<Value>(&bytes) else {
+            continue;
+        };
+        let points_here = json
+            .get("subject")
+            .and_then(|s| s.get("digest"))
+            .and_then(Value::as_str)
+            == Some(subject.as_str());
+        if !points_here {
+            continue;
+        }
+        // artifactType, else (image manifests) the config's media type.
+        let artifact_type = json
+            .get("artifactType")
+            .and_then(Value::as_str)
+            .or_else(|| {
+                json.get("config")
+                    .and_then(|c| c.get("mediaType"))
+                    .and_then(Value::as_str)
+            })
+            .map(str::to_owned);
+        let mut desc = serde_json::json!({
+            "mediaType": media_type_of(&json),
+            "digest": d.as_str(),
+            "size": bytes.len(),
+        });
+        if let (Some(at), Some(map)) = (&artifact_type, desc.as_object_mut()) {
+            map.insert("artifactType".into(), Value::String(at.clone()));
+        }
+        if let (Some(ann), Some(map)) = (json.get("annotations"), desc.as_object_mut()) {
+            map.insert("annotations".into(), ann.clone());
+        }
+        found.push((artifact_type, desc));
+    }
     let manifests: Vec<Value> = found
         .into_iter()
         .filter(|(at, _)| {

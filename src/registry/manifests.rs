@@ -16,8 +16,8 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use serde_json::Value;
 
-use super::digest;
 use super::{Failure, Handled, Registry, empty_response, header_value};
+use super::{claims, digest};
 use crate::backend::RequestContext;
 use crate::body::{self, Body};
 use crate::error::{ErrorCode, OciError};
@@ -25,8 +25,6 @@ use crate::route::{Digest, Reference, RepoName};
 
 /// Largest manifest accepted.
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
-/// Largest manifest served from disk (an existing store may hold larger ones).
-const MAX_STORED_MANIFEST: u64 = 16 * 1024 * 1024;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -63,35 +61,11 @@ pub fn media_type_of(json: &Value) -> &str {
     }
 }
 
-/// What identifies one version of a link file (a rewrite is a rename: a new inode).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileId {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime: i64,
-    mtime_nsec: i64,
-}
-
-impl FileId {
-    fn of(path: &std::path::Path) -> Option<FileId> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path).ok()?;
-        Some(FileId {
-            dev: m.dev(),
-            ino: m.ino(),
-            len: m.len(),
-            mtime: m.mtime(),
-            mtime_nsec: m.mtime_nsec(),
-        })
-    }
-}
-
-/// A manifest served recently, valid while the link file it was resolved through (tag
-/// `current/link`, or the revision link for a digest) is the same file.
+/// A manifest served recently, valid while the link it was resolved through (tag
+/// `current/link`, or the revision link for a digest) is the same version of it.
 #[derive(Clone)]
 struct Cached {
-    link: FileId,
+    link: String,
     digest: Digest,
     bytes: bytes::Bytes,
     media_type: HeaderValue,
@@ -100,9 +74,10 @@ struct Cached {
 /// Most manifests remembered; past that the cache starts over.
 const CACHE_ENTRIES: usize = 4096;
 
-/// Recently served manifests, so a pull of a hot tag costs one `stat` instead of a
-/// dozen look-ups, three opens and a JSON parse. Writers need not tell it anything:
-/// every change rewrites (renames) or removes the link file, which the `stat` sees.
+/// Recently served manifests, so a pull of a hot tag costs one `HEAD` of its link
+/// (a `stat` on disk) instead of several reads and a JSON parse. Writers need not tell
+/// it anything, on this gate or another: every change rewrites or removes the link,
+/// which gives it a new version.
 #[derive(Default)]
 pub struct ManifestCache {
     map: std::sync::Mutex<std::collections::HashMap<(String, String), Cached>>,
@@ -128,68 +103,61 @@ impl ManifestCache {
     }
 }
 
-fn link_path(reg: &Registry, repo: &RepoName, r: &Reference) -> std::path::PathBuf {
-    let layout = reg.storage.layout();
+/// Resolve a reference to a manifest of `repo`: the link's version, the digest and
+/// the content.
+async fn resolve(
+    reg: &Registry,
+    repo: &RepoName,
+    r: &Reference,
+) -> Result<Option<(String, Digest, bytes::Bytes)>, Failure> {
+    let store = &reg.store;
+    let link = store.reference_link(repo, r);
+    let Some((text, meta)) = store.storage().read(&link, 1024).await? else {
+        return Ok(None);
+    };
+    let Some(d) = std::str::from_utf8(&text)
+        .ok()
+        .and_then(|t| Digest::parse(t.trim()).ok())
+    else {
+        return Ok(None);
+    };
     match r {
-        Reference::Tag(t) => layout.tag_current(repo, t),
-        Reference::Digest(d) => layout.revision_link(repo, d),
+        Reference::Tag(_) if !store.revision_exists(repo, &d).await? => return Ok(None),
+        Reference::Digest(want) if *want != d => return Ok(None),
+        _ => {}
     }
+    Ok(store
+        .manifest_content(&d)
+        .await?
+        .map(|bytes| (meta.version, d, bytes)))
 }
 
 pub async fn get(reg: &Registry, repo: &RepoName, r: &Reference, head: bool) -> Handled {
     let key = (repo.as_str().to_owned(), r.to_string());
-    let link = link_path(reg, repo, r);
     let cached = match reg.manifests.get(&key) {
         Some(c) => {
-            let path = link.clone();
-            let now = reg.storage.blocking(move |_| Ok(FileId::of(&path))).await?;
-            (now == Some(c.link)).then_some(c)
+            let link = reg.store.reference_link(repo, r);
+            let now = reg.store.storage().head(&link).await?;
+            now.is_some_and(|m| m.version == c.link).then_some(c)
         }
         None => None,
     };
     let cached = match cached {
         Some(c) => c,
         None => {
-            // Resolve and read in one trip to the blocking pool.
-            let (repo2, r2) = (repo.clone(), r.clone());
-            let found = reg
-                .storage
-                .blocking(move |s| {
-                    s.contained(&link)?;
-                    let id = FileId::of(&link);
-                    let d = match &r2 {
-                        Reference::Tag(t) => match s.resolve_tag(&repo2, t)? {
-                            Some(d) if s.revision_exists(&repo2, &d)? => d,
-                            _ => return Ok(None),
-                        },
-                        Reference::Digest(d) if s.revision_exists(&repo2, d)? => d.clone(),
-                        Reference::Digest(_) => return Ok(None),
-                    };
-                    Ok(s.read_blob(&d, MAX_STORED_MANIFEST)?
-                        .map(|bytes| (id, d, bytes)))
-                })
-                .await?;
-            let Some((id, d, bytes)) = found else {
+            let Some((link, d, bytes)) = resolve(reg, repo, r).await? else {
                 return Err(unknown(repo, r));
             };
             let media_type = serde_json::from_slice::<Value>(&bytes)
                 .map(|v| media_type_of(&v).to_owned())
                 .unwrap_or_else(|_| OCI_MANIFEST.to_owned());
             let c = Cached {
-                link: id.unwrap_or(FileId {
-                    dev: 0,
-                    ino: 0,
-                    len: 0,
-                    mtime: 0,
-                    mtime_nsec: 0,
-                }),
+                link,
                 digest: d,
-                bytes: bytes.into(),
+                bytes,
                 media_type: header_value(&media_type)?,
             };
-            if id.is_some() {
-                reg.manifests.put(key, c.clone());
-            }
+            reg.manifests.put(key, c.clone());
             c
         }
     };
@@ -372,30 +340,35 @@ pub async fn put(
         Reference::Tag(t) => Some(t.clone()),
         Reference::Digest(_) => None,
     };
-    let (repo2, d2) = (repo.clone(), d.clone());
-    let missing = reg
-        .storage
-        .blocking(move |s| {
-            // Under the shared GC lock, check and touch what the manifest references, so
-            // a collection running now either deleted it already (and the PUT fails
-            // cleanly) or keeps it.
-            let _gc = s.gc_shared_lock()?;
-            for b in &refs.blobs {
-                if !s.layer_linked(&repo2, b)? {
-                    return Ok(Some(b.clone()));
-                }
-                s.touch_blob(b);
-            }
-            for m in &refs.manifests {
-                if !s.revision_exists(&repo2, m)? {
-                    return Ok(Some(m.clone()));
-                }
-                s.touch_blob(m);
-            }
-            s.put_manifest(&repo2, &d2, &bytes, tag.as_deref())?;
-            Ok(None)
-        })
-        .await?;
+    // Claim what the manifest references before checking that it is there, so a
+    // garbage collection under way either keeps it or has deleted it already (and
+    // the PUT fails cleanly); see `claims`.
+    let mut claimed: Vec<Digest> = vec![d.clone()];
+    claimed.extend(refs.blobs.iter().cloned());
+    claimed.extend(refs.manifests.iter().cloned());
+    let claim = claims::claim(&reg.store, &claimed).await?;
+    let store = &reg.store;
+    let blobs = futures_util::future::try_join_all(
+        refs.blobs
+            .iter()
+            .map(|b| async move { Ok::<_, Failure>((b, store.layer_linked(repo, b).await?)) }),
+    );
+    let children = futures_util::future::try_join_all(
+        refs.manifests
+            .iter()
+            .map(|m| async move { Ok::<_, Failure>((m, store.revision_exists(repo, m).await?)) }),
+    );
+    let (blobs, children) = tokio::try_join!(blobs, children)?;
+    let missing = blobs
+        .into_iter()
+        .chain(children)
+        .find(|(_, there)| !there)
+        .map(|(m, _)| m.clone());
+    if missing.is_none() {
+        claim.check_fresh(store)?;
+        store.put_manifest(repo, &d, bytes, tag.as_deref()).await?;
+    }
+    claim.done(store).await?;
     if let Some(m) = missing {
         return Err(OciError::new(
             ErrorCode::ManifestBlobUnknown,
@@ -419,14 +392,10 @@ pub async fn put(
 
 pub async fn delete(reg: &Registry, repo: &RepoName, r: &Reference) -> Handled {
     reg.deletes_enabled()?;
-    let (repo2, r2) = (repo.clone(), r.clone());
-    let deleted = reg
-        .storage
-        .blocking(move |s| match &r2 {
-            Reference::Digest(d) => s.delete_manifest(&repo2, d),
-            Reference::Tag(t) => s.delete_tag(&repo2, t),
-        })
-        .await?;
+    let deleted = match r {
+        Reference::Digest(d) => reg.store.delete_manifest(repo, d).await?.is_some(),
+        Reference::Tag(t) => reg.store.delete_tag(repo, t).await?,
+    };
     if !deleted {
         return Err(unknown(repo, r));
     }

@@ -1,20 +1,27 @@
 //! The [`Backend`] for the registry built into this process ("all-in-one"): the OCI
-//! Distribution Specification v1.1 over [`storage::FsStorage`], called directly by the
-//! gate (no HTTP hop), with the gate's identity, policy, TLS and logging in front.
+//! Distribution Specification v1.1 over a [`storage::Storage`] (the local disk or an
+//! S3-compatible object store), called directly by the gate (no HTTP hop), with the
+//! gate's identity, policy, TLS and logging in front. Any number of gates may share
+//! one object store: everything a request needs is in the store, not in a process.
 //!
-//! * `blobs`     GET/HEAD (with `Range`) and DELETE of blobs
+//! * `blobs`     GET/HEAD (with `Range`, or a redirect to the store) and DELETE of blobs
 //! * `uploads`   POST/PATCH/PUT/GET/DELETE of upload sessions, cross-repository mount
 //! * `manifests` GET/HEAD/PUT/DELETE of manifests, with validation
 //! * `listing`   tags, catalog and referrers
-//! * `digest`    hashing while bytes stream, off the async threads
-//! * `storage`   the disk, in the CNCF distribution layout
+//! * `store`     the data model (links, tags, revisions) over any storage
+//! * `claims`    how writers and the garbage collector agree without locks
+//! * `gc`        garbage collection beside pushes
+//! * `digest`    hashing, resumable across gates
+//! * `storage`   the interface and its two backends, `fs` and `s3`
 
 mod blobs;
+pub mod claims;
 mod digest;
 pub mod gc;
 mod listing;
 mod manifests;
 pub mod storage;
+pub mod store;
 mod uploads;
 
 use std::sync::Arc;
@@ -25,9 +32,11 @@ use http::{Method, Request, Response, StatusCode};
 
 use crate::backend::{Backend, BoxFuture, RequestContext};
 use crate::body::{self, Body};
+use crate::config::StorageConfig;
 use crate::error::{ErrorCode, OciError};
 use crate::route::Route;
-use storage::{FsStorage, StorageError};
+use storage::{Storage, StorageError};
+use store::Store;
 
 /// Why a registry request failed: an answer for the client, or a storage fault (logged
 /// with its cause; the client sees a generic error).
@@ -51,26 +60,45 @@ impl From<StorageError> for Failure {
 
 pub(crate) type Handled = Result<Response<Body>, Failure>;
 
+/// Open the storage `[storage]` names: the local disk or the object store. Nothing is
+/// sent to an object store yet ([`Storage::check`] does that).
+pub fn open_storage(config: &StorageConfig) -> Result<Arc<dyn Storage>, String> {
+    match (&config.root, &config.s3) {
+        (Some(root), None) => Ok(Arc::new(
+            storage::fs::FsStorage::open(root).map_err(|e| format!("storage.root: {e}"))?,
+        )),
+        (None, Some(s3)) => {
+            let settings = storage::s3::S3Settings::resolve(s3)?;
+            Ok(Arc::new(storage::s3::S3Storage::open(&settings)?))
+        }
+        _ => Err("[storage] needs root or [storage.s3], not both".into()),
+    }
+}
+
 /// The built-in registry.
 pub struct Registry {
-    storage: FsStorage,
+    store: Store,
     delete_enabled: bool,
     uploads: uploads::Sessions,
     manifests: manifests::ManifestCache,
 }
 
 impl Registry {
-    pub fn open(config: &crate::config::StorageConfig) -> Result<Registry, StorageError> {
-        Ok(Registry {
-            storage: FsStorage::open(&config.root)?,
-            delete_enabled: config.delete,
-            uploads: uploads::Sessions::default(),
-            manifests: manifests::ManifestCache::default(),
-        })
+    pub fn open(config: &StorageConfig) -> Result<Registry, String> {
+        Ok(Registry::new(open_storage(config)?, config.delete))
     }
 
-    pub fn storage(&self) -> &FsStorage {
-        &self.storage
+    pub fn new(storage: Arc<dyn Storage>, delete_enabled: bool) -> Registry {
+        Registry {
+            store: Store::new(storage),
+            delete_enabled,
+            uploads: uploads::Sessions::default(),
+            manifests: manifests::ManifestCache::default(),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Run `job` every `every` (the first time after `first`) for as long as the
@@ -98,20 +126,23 @@ impl Registry {
         })
     }
 
-    /// Remove abandoned uploads now and then.
+    /// Remove abandoned uploads (and their multipart uploads in an object store) and
+    /// old garbage-collection claims now and then.
     pub fn spawn_upload_purger(self: &Arc<Self>, age: Duration) -> tokio::task::JoinHandle<()> {
         let every = (age / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
         self.spawn_every(Duration::ZERO, every, move |registry| async move {
-            match registry
-                .storage
-                .blocking(move |s| s.purge_uploads(age))
-                .await
-            {
+            match uploads::purge(&registry.store, age).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(removed = n, "abandoned uploads removed"),
                 Err(e) => tracing::error!("purging abandoned uploads: {e}"),
             }
-            registry.uploads.forget_missing(&registry.storage).await;
+            registry.uploads.forget_idle();
+            let before = std::time::SystemTime::now()
+                .checked_sub(claims::CLAIM_LIFETIME)
+                .unwrap_or(std::time::UNIX_EPOCH);
+            if let Err(e) = claims::remove_claims_before(&registry.store, before).await {
+                tracing::warn!("removing old garbage-collection claims: {e}");
+            }
         })
     }
 
@@ -124,7 +155,7 @@ impl Registry {
         self.spawn_every(Duration::ZERO, every, move |registry| {
             let metrics = metrics.clone();
             async move {
-                match registry.storage.blocking(|s| s.usage()).await {
+                match registry.store.usage().await {
                     Ok((bytes, uploads)) => {
                         metrics
                             .storage_bytes
@@ -152,11 +183,7 @@ impl Registry {
             grace,
         };
         self.spawn_every(every, every, move |registry| async move {
-            match registry
-                .storage
-                .blocking(move |s| gc::collect(s, options))
-                .await
-            {
+            match gc::collect(&registry.store, options).await {
                 Ok(r) => tracing::info!(
                     blobs = r.blobs_removed.len(),
                     manifests = r.manifests_removed.len(),
@@ -235,8 +262,9 @@ impl Backend for Registry {
 
     fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            self.storage
-                .blocking(|s| s.check_writable())
+            self.store
+                .storage()
+                .check()
                 .await
                 .map_err(|e| format!("storage: {e}"))
         })
@@ -245,7 +273,7 @@ impl Backend for Registry {
     fn describe(&self) -> String {
         format!(
             "built-in registry on {} (deletes {})",
-            self.storage.layout().root().display(),
+            self.store.storage().describe(),
             if self.delete_enabled {
                 "enabled"
             } else {
@@ -256,7 +284,7 @@ impl Backend for Registry {
 }
 
 /// A storage fault: logged once with its cause and the request id; the client gets a
-/// generic error that names the request id.
+/// generic error that names the request id (and, when the store is down, the store).
 fn storage_error_response(id: &str, e: StorageError) -> Response<Body> {
     tracing::error!(id, "storage: {e}");
     match e {
@@ -270,6 +298,26 @@ fn storage_error_response(id: &str, e: StorageError) -> Response<Body> {
             ErrorCode::NameInvalid,
             format!("this repository cannot be served (request {id})"),
         )
+        .into_response(),
+        StorageError::Unavailable { store, .. } | StorageError::Refused { store, .. } => {
+            let mut resp = OciError::new(
+                ErrorCode::Unavailable,
+                format!("the registry's storage ({store}) is unavailable; try again later (request {id})"),
+            )
+            .with_status(StatusCode::SERVICE_UNAVAILABLE)
+            .into_response();
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            resp
+        }
+        StorageError::Conflict(_) => OciError::new(
+            ErrorCode::BlobUploadInvalid,
+            format!(
+                "the upload was changed by another request at the same time; start it again \
+                 (request {id})"
+            ),
+        )
+        .with_status(StatusCode::CONFLICT)
         .into_response(),
         _ => OciError::new(ErrorCode::Unknown, format!("storage error (request {id})"))
             .into_response(),
