@@ -209,21 +209,6 @@ pub struct S3Config {
     pub redirect: bool,
 }
 
-impl StorageConfig {
-    /// A filesystem store at `root` with every other setting at its default.
-    pub fn at(root: &Path) -> StorageConfig {
-        StorageConfig {
-            root: Some(root.to_owned()),
-            delete: false,
-            purge_uploads_after_secs: default_purge_uploads(),
-            gc_interval_secs: 0,
-            gc_delete_untagged: false,
-            gc_grace_secs: default_gc_grace(),
-            s3: None,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
@@ -794,6 +779,46 @@ root = "data"
         assert!(parse_upstream_url("http://u:p@x").is_err());
         assert!(parse_upstream_url("http://x/v2").is_err());
         assert!(parse_upstream_url("ftp://x").is_err());
+    }
+
+    #[test]
+    fn storage_is_the_disk_or_an_object_store_not_both() {
+        let dir = files();
+        std::fs::write(dir.path().join("secret"), "s3cr3t\n").expect("write");
+        let tls = "[tls]\ncertificate = \"cert.pem\"\nprivate_key = \"key.pem\"\n";
+        let load = |storage: &str| {
+            let text = format!("{tls}[storage]\n{storage}");
+            Config::from_str_at(&text, &dir.path().join("c.toml"), dir.path())
+        };
+        let s3 = "[storage.s3]\nendpoint = \"http://127.0.0.1:3900\"\nregion = \"garage\"\n\
+                  bucket = \"registry\"\nprefix = \"team/a\"\naccess_key_id = \"GK1\"\n\
+                  secret_access_key_file = \"secret\"\n";
+        let c = load(&format!("delete = true\n{s3}")).expect("an S3 store");
+        let storage = c.storage.expect("storage");
+        assert!(storage.root.is_none() && storage.delete);
+        let cfg = storage.s3.expect("s3");
+        assert_eq!(cfg.secret_access_key_file, Some(dir.path().join("secret")));
+        assert!(!cfg.redirect);
+        let both = load(&format!("root = \"data\"\n{s3}")).expect_err("both");
+        assert!(both.to_string().contains("not both"), "{both}");
+        let neither = load("delete = true\n").expect_err("neither");
+        assert!(neither.to_string().contains("storage.root"), "{neither}");
+        for (bad, key) in [
+            (s3.replace("registry", "Bad_Bucket"), "storage.s3.bucket"),
+            (s3.replace("team/a", "../up"), "storage.s3.prefix"),
+            (
+                s3.replace("http://127.0.0.1:3900", "ftp://x"),
+                "storage.s3.endpoint",
+            ),
+            (
+                s3.replace("\"secret\"", "\"missing\""),
+                "storage.s3.secret_access_key_file",
+            ),
+            (format!("{s3}bucket_typo = 1\n"), "bucket_typo"),
+        ] {
+            let err = load(&bad).expect_err(key);
+            assert!(err.to_string().contains(key), "{key}: {err}");
+        }
     }
 
     #[test]

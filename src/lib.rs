@@ -20,8 +20,11 @@
 //!       └ backend  the trait the gate calls without knowing what is behind it
 //!            └ proxy    Backend for an external upstream registry (pooled, streaming)
 //!
-//!            └ registry the built-in registry (all-in-one): OCI distribution API over
-//!                       the disk in the CNCF layout, uploads, manifests, gc
+//!            └ registry the built-in registry (all-in-one): OCI distribution API
+//!                       (uploads, manifests, listing, gc) written once over
+//!                       registry::storage, the interface with two backends: the
+//!                       disk and an S3-compatible object store (several gates on
+//!                       one bucket), both in the CNCF layout; claims: gc without locks
 //!
 //! admin    plain-HTTP listener: /metrics (metrics), /healthz, /readyz
 //! body     the response/request body type and the byte counting used by the log

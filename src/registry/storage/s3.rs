@@ -248,11 +248,13 @@ impl S3Storage {
                 Ok(v)
             }
             Err(e) => {
+                // Only a store that cannot be reached opens the breaker: one that answers
+                // 5xx or SlowDown is there, and each request retries on its own.
+                let unreachable = transport_failure(&e);
                 let e = self.sort(what, e);
-                if let StorageError::Unavailable { detail, .. } = &e {
-                    self.breaker.down(detail);
-                } else {
-                    self.breaker.healthy();
+                match (&e, unreachable) {
+                    (StorageError::Unavailable { detail, .. }, true) => self.breaker.down(detail),
+                    _ => self.breaker.healthy(),
                 }
                 Err(e)
             }
@@ -304,25 +306,38 @@ fn status_and_code(text: &str) -> (Option<u16>, Option<String>) {
     (status, code)
 }
 
-/// Sort an `object_store` error into what the registry and the operator need to know.
-pub fn sort_error(store: &str, what: &str, e: object_store::Error) -> StorageError {
-    let text = e.to_string();
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+/// The transport error inside `e` when the request never got an answer (refused,
+/// timed out, cut off).
+fn transport_error(e: &object_store::Error) -> Option<&object_store::client::HttpError> {
+    use object_store::client::HttpErrorKind as K;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
-        if let Some(http) = err.downcast_ref::<object_store::client::HttpError>() {
-            use object_store::client::HttpErrorKind as K;
-            if matches!(
+        if let Some(http) = err.downcast_ref::<object_store::client::HttpError>()
+            && matches!(
                 http.kind(),
                 K::Connect | K::Timeout | K::Interrupted | K::Request
-            ) {
-                return StorageError::Unavailable {
-                    store: store.to_owned(),
-                    detail: format!("{what}: cannot reach it ({http})"),
-                };
-            }
+            )
+        {
+            return Some(http);
         }
         source = err.source();
     }
+    None
+}
+
+fn transport_failure(e: &object_store::Error) -> bool {
+    transport_error(e).is_some()
+}
+
+/// Sort an `object_store` error into what the registry and the operator need to know.
+pub fn sort_error(store: &str, what: &str, e: object_store::Error) -> StorageError {
+    if let Some(http) = transport_error(&e) {
+        return StorageError::Unavailable {
+            store: store.to_owned(),
+            detail: format!("{what}: cannot reach it ({http})"),
+        };
+    }
+    let text = e.to_string();
     let (status, code) = status_and_code(&text);
     let code = code.unwrap_or_default();
     let refused = |detail: String| StorageError::Refused {
