@@ -1,6 +1,7 @@
 //! The shipped configurations and deploy files are valid: every `examples/*.toml` and
 //! `deploy/container/*.toml` loads with `Config::load` and passes
-//! `registry-gate check-config`; the systemd unit passes `systemd-analyze verify`; the
+//! `registry-gate check-config` (the object-store example against a real Garage
+//! cluster, its endpoint and key put in); the systemd unit passes `systemd-analyze verify`; the
 //! certbot deploy hook is quiet and exits 0 when the gate is not running.
 //!
 //! The example files point at `../certs-example/*.pem`, which are generated, never
@@ -12,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use registry_gate::config::Config;
+
+mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_registry-gate");
 
@@ -91,6 +94,18 @@ fn every_example_loads_and_passes_check_config() {
     copy_files(&repo().join("examples"), &examples);
     make_certs(&tmp.path().join("certs-example"));
 
+    // The scale-out example stores in S3: point it at a real cluster, and give it the
+    // files its comment tells users to make.
+    let garage = common::garage::Garage::shared();
+    let scale = examples.join("scale-out.toml");
+    let text = fs::read_to_string(&scale).expect("read scale-out.toml");
+    let text = text
+        .replace("http://127.0.0.1:3900", &garage.endpoints[0])
+        .replace("GK31c2f218a2e44f485b94239e", &garage.key_id);
+    fs::write(&scale, text).expect("write scale-out.toml");
+    fs::write(examples.join("s3-secret"), format!("{}\n", garage.secret)).expect("secret");
+    fs::write(examples.join("token.key"), [7u8; 48]).expect("token key");
+
     let files = tomls_in(&examples);
     let names: Vec<String> = files
         .iter()
@@ -100,6 +115,7 @@ fn every_example_loads_and_passes_check_config() {
         "all-in-one.toml",
         "front-local-registry.toml",
         "read-only-mirror.toml",
+        "scale-out.toml",
         "teams.toml",
     ] {
         assert!(
@@ -124,6 +140,18 @@ fn every_example_loads_and_passes_check_config() {
     );
     assert!(load("all-in-one.toml").upstream.is_none());
     assert!(load("front-local-registry.toml").upstream.is_some());
+    let scale = load("scale-out.toml");
+    assert!(
+        scale
+            .storage
+            .as_ref()
+            .is_some_and(|s| s.s3.is_some() && s.root.is_none()),
+        "scale-out.toml stores in S3"
+    );
+    assert!(
+        scale.token.key_file.is_some() && scale.token.service.is_some(),
+        "gates behind one load balancer share the token key and service"
+    );
 }
 
 #[test]

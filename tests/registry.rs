@@ -4,6 +4,10 @@
 //! concurrent pushes, a full disk, a permission error, abandoned uploads), garbage
 //! collection (the CLI, its dry run, while pushes go on, on a schedule), the CNCF
 //! layout both ways with Debian's `docker-registry`, and the real skopeo and podman.
+//!
+//! Each test runs on both storage backends, `fs::<name>` on the local disk and
+//! `s3::<name>` on a real Garage cluster (see `on_both_backends!`), except the three
+//! about the disk itself (symlinks, a full disk, a permission error).
 
 mod common;
 
@@ -12,6 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use futures_util::StreamExt as _;
 use serde_json::json;
 
 use common::client::{Client, Resp, empty, full, generated, read_body_digest};
@@ -22,14 +27,18 @@ use common::image::{
 };
 use common::pki::{Ca, KeyAlg, KeyEncoding};
 use common::registry::{
-    AllInOne, AllInOneOptions, DOCKER_LIST, DOCKER_MANIFEST, Disk, OCI_INDEX, Process, Tmpfs,
-    descriptor, docker_manifest, gc_command, generated_digest, generated_part, index, oci_manifest,
-    run_gc, sha512_digest, snapshot, stalling, storage_lines, walk, write_binary_config,
-    write_multiarch_layout,
+    AllInOne, AllInOneOptions, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, Process, Tmpfs, descriptor,
+    docker_manifest, gc_command, generated_digest, generated_part, index, oci_manifest, run_gc,
+    sha512_digest, snapshot, stalling, walk, write_binary_config, write_multiarch_layout,
 };
 use common::skopeo::Skopeo;
+use common::store::{
+    Backend, TestStore, V2, blob_key, layer_link_key, repo_key, tag_current_key, tag_index_key,
+};
 use common::upstream::{Upstream, UpstreamOptions, free_loopback_port};
-use common::{PUSHER, Stack, eventually, init_tracing, pseudo_random_bytes, sha256_digest};
+use common::{
+    PUSHER, Stack, StackOptions, eventually, init_tracing, pseudo_random_bytes, sha256_digest,
+};
 
 const EMPTY_CONFIG: &str = "application/vnd.oci.empty.v1+json";
 
@@ -165,18 +174,6 @@ async fn get_accepting(client: &Client, path: &str) -> Resp {
         .await
 }
 
-/// The upload directories of `repo` that are still on disk.
-fn open_uploads(disk: &Disk, repo: &str) -> Vec<String> {
-    std::fs::read_dir(disk.uploads(repo))
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The path of a `Link: <…>; rel="next"` header, if there is one.
 fn next_link(resp: &Resp, client: &Client) -> Option<String> {
     let link = resp.header("link")?;
@@ -257,11 +254,67 @@ async fn assert_complete(client: &Client, repo: &str, reference: &str) -> String
 }
 
 // ---------------------------------------------------------------------------
+// the suite, on both backends
+
+/// One `#[tokio::test]` per backend for each test named: `fs::<name>` runs it on the
+/// local disk, `s3::<name>` on the shared Garage cluster.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod fs {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Backend::Fs).await
+                }
+            )*
+        }
+        mod s3 {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Backend::S3).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    pull_by_tag_and_digest_with_headers,
+    blob_ranges_give_206_and_416,
+    monolithic_pushes_post_put_and_post_with_digest,
+    chunked_push_with_status_and_out_of_order_chunks,
+    cancelled_and_unknown_upload_sessions_are_blob_upload_unknown,
+    a_digest_mismatch_is_digest_invalid_and_stores_nothing,
+    sha512_blobs_and_manifests,
+    cross_repository_mount_only_from_what_the_caller_may_pull,
+    manifest_puts_are_validated,
+    manifest_kinds_indexes_and_docker_types,
+    subject_gives_oci_subject_and_referrers_list_and_filter,
+    tags_list_pages_in_lexical_order,
+    a_next_link_never_points_back_at_the_same_page,
+    catalog_pages_in_lexical_order,
+    deletes_are_unsupported_when_disabled,
+    deletes_of_manifests_tags_and_blobs_when_enabled,
+    kill_9_during_a_blob_upload_and_manifest_puts_leaves_nothing_partial,
+    a_new_tag_cut_off_before_its_current_link_is_not_listed,
+    concurrent_pushes_of_the_same_blob_manifest_and_tag_end_consistent,
+    abandoned_uploads_are_purged,
+    what_docker_registry_wrote_is_served_by_the_gate,
+    what_the_gate_wrote_is_served_by_docker_registry,
+    skopeo_pushes_and_pulls_an_image_and_a_multi_arch_index,
+    podman_pushes_and_pulls,
+    gc_dry_run_reports_and_gc_removes_only_unreferenced_content,
+    gc_while_pushing_never_removes_what_was_pushed_or_linked_meanwhile,
+    the_server_collects_garbage_on_its_schedule,
+    a_served_manifest_follows_its_tag_when_it_moves_or_goes,
+);
+
+// ---------------------------------------------------------------------------
 // pull
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pull_by_tag_and_digest_with_headers() {
-    let aio = AllInOne::start().await;
+async fn pull_by_tag_and_digest_with_headers(backend: Backend) {
+    let aio = AllInOne::start_with(AllInOneOptions::on(backend)).await;
     let anon = aio.client();
     let layers = three_layers(1);
     let image = push_image(
@@ -383,9 +436,8 @@ async fn pull_by_tag_and_digest_with_headers() {
     aio.gate.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blob_ranges_give_206_and_416() {
-    let aio = AllInOne::start().await;
+async fn blob_ranges_give_206_and_416(backend: Backend) {
+    let aio = AllInOne::start_with(AllInOneOptions::on(backend)).await;
     let anon = aio.client();
     let blob = pseudo_random_bytes(100_000, 7);
     let digest = upload_blob(&aio.pusher(), "range/app", &blob, UploadMode::Monolithic).await;
@@ -434,11 +486,10 @@ async fn blob_ranges_give_206_and_416() {
 // ---------------------------------------------------------------------------
 // push
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn monolithic_pushes_post_put_and_post_with_digest() {
-    let aio = AllInOne::start().await;
+async fn monolithic_pushes_post_put_and_post_with_digest(backend: Backend) {
+    let aio = AllInOne::start_with(AllInOneOptions::on(backend)).await;
     let pusher = aio.pusher();
-    let disk = aio.disk();
+    let store = &aio.store;
 
     // POST, then PUT with the whole blob.
     let blob = pseudo_random_bytes(123_457, 11);
@@ -509,21 +560,26 @@ async fn monolithic_pushes_post_put_and_post_with_digest() {
     assert_eq!(resp.header("content-length"), Some("0"));
     assert!(resp.body.is_empty());
 
-    // On disk: the CNCF layout, and no upload left behind.
+    // In the store: the CNCF layout, and no upload left behind.
     for (d, bytes) in [(&digest, &blob), (&digest2, &blob2)] {
-        assert_eq!(&std::fs::read(disk.blob_data(d)).expect("blob data"), bytes);
+        assert_eq!(&store.read(&blob_key(d)).await.expect("blob data"), bytes);
         assert_eq!(
-            std::fs::read_to_string(disk.layer_link("push/mono", d)).expect("layer link"),
+            String::from_utf8(
+                store
+                    .read(&layer_link_key("push/mono", d))
+                    .await
+                    .expect("layer link")
+            )
+            .expect("a UTF-8 layer link"),
             *d
         );
     }
-    assert_eq!(open_uploads(&disk, "push/mono"), Vec::<String>::new());
+    assert_eq!(store.open_uploads("push/mono").await, Vec::<String>::new());
     aio.gate.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chunked_push_with_status_and_out_of_order_chunks() {
-    let aio = AllInOne::start().await;
+async fn chunked_push_with_status_and_out_of_order_chunks(backend: Backend) {
+    let aio = AllInOne::start_with(AllInOneOptions::on(backend)).await;
     let pusher = aio.pusher();
     let blob = pseudo_random_bytes(300_000, 21);
     let digest = sha256_digest(&blob);
@@ -605,30 +661,29 @@ async fn chunked_push_with_status_and_out_of_order_chunks() {
         pull_and_verify(&aio.client(), "push/chunked", tag, &image).await;
     }
     assert_eq!(
-        open_uploads(&aio.disk(), "push/chunked"),
+        aio.store.open_uploads("push/chunked").await,
         Vec::<String>::new()
     );
     aio.gate.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancelled_and_unknown_upload_sessions_are_blob_upload_unknown() {
-    let aio = AllInOne::start().await;
+async fn cancelled_and_unknown_upload_sessions_are_blob_upload_unknown(backend: Backend) {
+    let aio = AllInOne::start_with(AllInOneOptions::on(backend)).await;
     let pusher = aio.pusher();
-    let disk = aio.disk();
+    let store = &aio.store;
 
     let location = start_upload(&pusher, "up/a").await;
     let resp = patch(&pusher, &location, 0, &pseudo_random_bytes(10_000, 31)).await;
     expect(&resp, 202, "PATCH");
     assert_eq!(
-        open_uploads(&disk, "up/a").len(),
+        store.open_uploads("up/a").await.len(),
         1,
-        "the upload is on disk"
+        "the upload is in the store"
     );
     let resp = pusher.request("DELETE", &location, &[], empty()).await;
     expect(&resp, 204, "DELETE upload");
     assert_eq!(
-        open_uploads(&disk, "up/a"),
+        store.open_uploads("up/a").await,
         Vec::<String>::new(),
         "its data went"
     );
@@ -697,24 +752,23 @@ async fn cancelled_and_unknown_upload_sessions_are_blob_upload_unknown() {
     aio.gate.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_digest_mismatch_is_digest_invalid_and_stores_nothing() {
-    let aio = AllInOne::start().await;
+async fn a_digest_mismatch_is_digest_invalid_and_stores_nothing(backend: Backend) {
+    let aio = AllInOne::start_with(AllInOneOptions::on(backend)).await;
     let pusher = aio.pusher();
-    let disk = aio.disk();
+    let store = &aio.store;
     let data = pseudo_random_bytes(50_000, 41);
     let real = sha256_digest(&data);
     let claimed = sha256_digest(b"something else entirely");
 
-    let assert_nothing = |what: &str| {
+    let assert_nothing = async |what: &str| {
         for d in [&real, &claimed] {
             assert!(
-                !disk.blob_data(d).exists(),
+                !store.exists(&blob_key(d)).await,
                 "{what}: {d} was stored after a digest mismatch"
             );
         }
         assert_eq!(
-            open_uploads(&disk, "bad/digest"),
+            store.open_uploads("bad/digest").await,
             Vec::<String>::new(),
             "{what}"
         );
@@ -731,7 +785,7 @@ async fn a_digest_mismatch_is_digest_invalid_and_stores_nothing() {
         )
         .await;
     expect_error(&resp, 400, "DIGEST_INVALID", "monolithic PUT, wrong digest");
-    assert_nothing("monolithic PUT");
+    assert_nothing("monolithic PUT").await;
     expect_error(
         &pusher.get(&location).await,
         404,
@@ -751,7 +805,7 @@ async fn a_digest_mismatch_is_digest_invalid_and_stores_nothing() {
         )
         .await;
     expect_error(&resp, 400, "DIGEST_INVALID", "chunked, wrong digest");
-    assert_nothing("chunked");
+    assert_nothing("chunked").await;
 
     // One POST ?digest=.
     let resp = pusher
@@ -763,7 +817,7 @@ async fn a_digest_mismatch_is_digest_invalid_and_stores_nothing() {
         )
         .await;
     expect_error(&resp, 400, "DIGEST_INVALID", "POST ?digest=, wrong digest");
-    assert_nothing("POST ?digest=");
+    assert_nothing("POST ?digest=").await;
 
     // A wrong sha512, and digests that are not digests.
     let location = start_upload(&pusher, "bad/digest").await;
@@ -776,7 +830,7 @@ async fn a_digest_mismatch_is_digest_invalid_and_stores_nothing() {
         )
         .await;
     expect_error(&resp, 400, "DIGEST_INVALID", "wrong sha512");
-    assert_nothing("sha512");
+    assert_nothing("sha512").await;
     for bad in [
         "sha256:xyz",
         "sha256:",
@@ -790,18 +844,16 @@ async fn a_digest_mismatch_is_digest_invalid_and_stores_nothing() {
         expect_error(&resp, 400, "DIGEST_INVALID", &format!("digest {bad:?}"));
         let _ = pusher.request("DELETE", &location, &[], empty()).await;
     }
-    assert_nothing("malformed digests");
+    assert_nothing("malformed digests").await;
     let resp = head(&aio.client(), &format!("/v2/bad/digest/blobs/{real}")).await;
     expect(&resp, 404, "HEAD of the real digest");
     aio.gate.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sha512_blobs_and_manifests() {
-    let aio = AllInOne::start().await;
+async fn sha512_blobs_and_manifests(backend: Backend) {
+    let aio = AllInOne::start_with(AllInOneOptions::on(backend)).await;
     let pusher = aio.pusher();
     let anon = aio.client();
-    let disk = aio.disk();
 
     // POST + PUT.
     let layer = pseudo_random_bytes(80_000, 51);
@@ -832,7 +884,7 @@ async fn sha512_blobs_and_manifests() {
     expect(&resp, 206, "Range on a sha512 blob");
     assert_eq!(&resp.body[..], &layer[10..20]);
     assert!(
-        disk.blob_data(&d512).is_file(),
+        aio.store.exists(&blob_key(&d512)).await,
         "blobs/sha512/… in the CNCF layout"
     );
 
@@ -909,19 +961,18 @@ async fn sha512_blobs_and_manifests() {
 // ---------------------------------------------------------------------------
 // cross-repository mount
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cross_repository_mount_only_from_what_the_caller_may_pull() {
+async fn cross_repository_mount_only_from_what_the_caller_may_pull(backend: Backend) {
     // mark may push to private/… but only the readers (vera) may pull from it.
     let aio = AllInOne::start_with(AllInOneOptions {
         extra_tables: "[[rules]]\nrepositories = [\"private/**\"]\npull = [\"readers\"]\n\
                        push = [\"pusher\"]\n"
             .into(),
-        ..AllInOneOptions::default()
+        ..AllInOneOptions::on(backend)
     })
     .await;
     let pusher = aio.pusher();
     let anon = aio.client();
-    let disk = aio.disk();
+    let store = &aio.store;
 
     // Present and allowed: 201, and the blob is now in the target.
     let blob = pseudo_random_bytes(30_000, 61);
@@ -946,7 +997,7 @@ async fn cross_repository_mount_only_from_what_the_caller_may_pull() {
     expect(&resp, 200, "GET the mounted blob");
     assert_eq!(&resp.body[..], &blob[..]);
     assert_eq!(
-        open_uploads(&disk, "mount/dst"),
+        store.open_uploads("mount/dst").await,
         Vec::<String>::new(),
         "a mount opens no upload"
     );
@@ -1032,7 +1083,11 @@ async fn cross_repository_mount_only_from_what_the_caller_may_pull() {
         404,
         "the private blob was not mounted",
     );
-    assert!(!disk.layer_link("mount/stolen", &secret_digest).exists());
+    assert!(
+        !store
+            .exists(&layer_link_key("mount/stolen", &secret_digest))
+            .await
+    );
     aio.gate.stop().await;
 }
 
@@ -1052,9 +1107,8 @@ async fn push_blobs(client: &Client, repo: &str, seed: u64) -> (Vec<u8>, Vec<u8>
     (config, layer)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn manifest_puts_are_validated() {
-    let aio = AllInOne::start().await;
+async fn manifest_puts_are_validated(backend: Backend) {
+    let aio = AllInOne::start_with(AllInOneOptions::on(backend)).await;
     let pusher = aio.pusher();
     let repo = "man/valid";
     let (config, layer) = push_blobs(&pusher, repo, 71).await;
@@ -1147,9 +1201,8 @@ async fn manifest_puts_are_validated() {
     aio.gate.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn manifest_kinds_indexes_and_docker_types() {
-    let aio = AllInOne::start().await;
+async fn manifest_kinds_indexes_and_docker_types(backend: Backend) {
+    let aio = AllInOne::start_with(AllInOneOptions::on(backend)).await;
     let pusher = aio.pusher();
     let anon = aio.client();
     let repo = "man/kinds";
@@ -1248,9 +1301,8 @@ async fn manifest_kinds_indexes_and_docker_types() {
     aio.gate.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subject_gives_oci_subject_and_referrers_list_and_filter() {
-    let aio = AllInOne::start().await;
+async fn subject_gives_oci_subject_and_referrers_list_and_filter(backend: Backend) {
+    let aio = AllInOne::start_with(AllInOneOptions::on(backend)).await;
     let pusher = aio.pusher();
     let anon = aio.client();
     let repo = "ref/app";
@@ -1433,9 +1485,8 @@ async fn subject_gives_oci_subject_and_referrers_list_and_filter() {
 // ---------------------------------------------------------------------------
 // listing
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tags_list_pages_in_lexical_order() {
-    let aio = AllInOne::start().await;
+async fn tags_list_pages_in_lexical_order(backend: Backend) {
+    let aio = AllInOne::start_with(AllInOneOptions::on(backend)).await;
     let pusher = aio.pusher();
     let anon = aio.client();
     let repo = "list/tags";
@@ -1502,9 +1553,8 @@ async fn tags_list_pages_in_lexical_order() {
 
 /// `n=0` asks for an empty page; a `Link` from it must lead somewhere else, or a
 /// client following `rel="next"` requests the same page forever.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_next_link_never_points_back_at_the_same_page() {
-    let aio = AllInOne::start().await;
+async fn a_next_link_never_points_back_at_the_same_page(backend: Backend) {
+    let aio = AllInOne::start_with(AllInOneOptions::on(backend)).await;
     let pusher = aio.pusher();
     let anon = aio.client();
     let (config, layer) = push_blobs(&pusher, "list/zero", 105).await;
@@ -1534,9 +1584,8 @@ async fn a_next_link_never_points_back_at_the_same_page() {
     aio.gate.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn catalog_pages_in_lexical_order() {
-    let aio = AllInOne::start().await;
+async fn catalog_pages_in_lexical_order(backend: Backend) {
+    let aio = AllInOne::start_with(AllInOneOptions::on(backend)).await;
     let pusher = aio.pusher();
     let anon = aio.client();
     let repos = [
@@ -1590,9 +1639,8 @@ async fn catalog_pages_in_lexical_order() {
 // ---------------------------------------------------------------------------
 // deletes
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deletes_are_unsupported_when_disabled() {
-    let aio = AllInOne::start().await;
+async fn deletes_are_unsupported_when_disabled(backend: Backend) {
+    let aio = AllInOne::start_with(AllInOneOptions::on(backend)).await;
     let pusher = aio.pusher();
     let image = push_image(
         &pusher,
@@ -1614,11 +1662,10 @@ async fn deletes_are_unsupported_when_disabled() {
     aio.gate.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deletes_of_manifests_tags_and_blobs_when_enabled() {
+async fn deletes_of_manifests_tags_and_blobs_when_enabled(backend: Backend) {
     let aio = AllInOne::start_with(AllInOneOptions {
         delete: true,
-        ..AllInOneOptions::default()
+        ..AllInOneOptions::on(backend)
     })
     .await;
     let pusher = aio.pusher();
@@ -1952,8 +1999,7 @@ fn upload_id(location: &str) -> String {
         .to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_9_during_a_blob_upload_and_manifest_puts_leaves_nothing_partial() {
+async fn kill_9_during_a_blob_upload_and_manifest_puts_leaves_nothing_partial(backend: Backend) {
     init_tracing();
     let dir = tempfile::Builder::new()
         .prefix("registry-gate-kill9")
@@ -1965,14 +2011,13 @@ async fn kill_9_during_a_blob_upload_and_manifest_puts_leaves_nothing_partial() 
         KeyAlg::EcP256,
     );
     let leaf = ca.issue("localhost", KeyAlg::EcP256, KeyEncoding::Pkcs8);
-    let root = dir.path().join("storage");
-    let disk = Disk::new(&root);
+    let store = TestStore::new(backend, dir.path());
     let listen = free_loopback_port();
     let config = write_binary_config(
         &dir.path().join("bin"),
         &leaf,
         listen,
-        &storage_lines(&root, true, None),
+        &store.gate_lines(true, None),
     );
     let mut process = Process::spawn(&config, listen, &dir.path().join("registry-gate.log"));
     let client = Client::new(listen, &[&ca.cert]);
@@ -1995,10 +2040,7 @@ async fn kill_9_during_a_blob_upload_and_manifest_puts_leaves_nothing_partial() 
         .await
         .expect("hash");
     let location = start_upload(&pusher, "crash/big").await;
-    let data = disk
-        .uploads("crash/big")
-        .join(upload_id(&location))
-        .join("data");
+    let id = upload_id(&location);
     let put = {
         let pusher = pusher.clone();
         let path = with_digest(&location, &big_digest);
@@ -2013,14 +2055,18 @@ async fn kill_9_during_a_blob_upload_and_manifest_puts_leaves_nothing_partial() 
                 .await
         })
     };
-    eventually("half of the big blob to reach the disk", || {
-        let data = data.clone();
-        async move {
-            std::fs::metadata(&data)
-                .ok()
-                .filter(|m| m.len() >= SENT)
-                .map(|_| ())
-        }
+    // On disk: the data file holds all that was sent. In a bucket the upload's state
+    // records its progress per 8 MiB part: two of them.
+    let (reached, what) = match backend {
+        Backend::Fs => (SENT, "half of the big blob to reach the disk"),
+        Backend::S3 => (
+            16 * 1024 * 1024,
+            "two parts of the big blob to be recorded in the bucket",
+        ),
+    };
+    eventually(what, || {
+        let (store, id) = (store.clone(), id.clone());
+        async move { (store.upload_bytes("crash/big", &id).await >= reached).then_some(()) }
     })
     .await;
     process.kill9();
@@ -2094,7 +2140,7 @@ async fn kill_9_during_a_blob_upload_and_manifest_puts_leaves_nothing_partial() 
         "the unfinished blob",
     );
     assert!(
-        !disk.blob_data(&big_digest).exists(),
+        !store.exists(&blob_key(&big_digest)).await,
         "no blob data for the unfinished upload"
     );
     let resp = anon.get("/v2/crash/loop/tags/list").await;
@@ -2104,10 +2150,13 @@ async fn kill_9_during_a_blob_upload_and_manifest_puts_leaves_nothing_partial() 
     for tag in &tags {
         assert_complete(&anon, "crash/loop", tag).await;
     }
-    let revisions = walk(&disk.repo("crash/loop").join("_manifests/revisions"));
+    let revisions = store
+        .keys(&format!("{}/_manifests/revisions", repo_key("crash/loop")))
+        .await;
     assert!(revisions.len() >= 5, "{revisions:?}");
-    for link in revisions.iter().filter(|p| p.ends_with("link")) {
-        let digest = std::fs::read_to_string(link).expect("revision link");
+    for link in revisions.iter().filter(|k| k.ends_with("/link")) {
+        let digest = String::from_utf8(store.read(link).await.expect("revision link"))
+            .expect("a UTF-8 revision link");
         assert_complete(&anon, "crash/loop", &digest).await;
     }
     pull_and_verify(&anon, "crash/base", "v1", &base).await;
@@ -2145,8 +2194,10 @@ async fn kill_9_during_a_blob_upload_and_manifest_puts_leaves_nothing_partial() 
         .and_then(|e| e.parse::<u64>().ok())
         .map(|e| e + 1)
         .unwrap_or_else(|| panic!("Range {range}"));
+    // On disk it holds what reached the data file; in a bucket, whole parts (whose
+    // sizes need not be multiples of 8).
     assert!(
-        held <= SENT && held.is_multiple_of(8),
+        held <= SENT && (backend == Backend::S3 || held.is_multiple_of(8)),
         "the cut-off upload holds {held} bytes"
     );
     let resp = pusher
@@ -2183,18 +2234,17 @@ async fn kill_9_during_a_blob_upload_and_manifest_puts_leaves_nothing_partial() 
     .await;
     assert_eq!(again.manifest_digest, base.manifest_digest);
     pull_and_verify(&anon, "crash/base", "v1", &again).await;
-    assert_eq!(open_uploads(&disk, "crash/big"), Vec::<String>::new());
+    assert_eq!(store.open_uploads("crash/big").await, Vec::<String>::new());
 }
 
 /// What a `kill -9` between the first two writes of a new tag leaves on disk (the
 /// manifest and its revision in place, the tag's directory made, its `current/link`
 /// not yet written) must not be visible as a tag.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_tag_cut_off_before_its_current_link_is_not_listed() {
-    let aio = AllInOne::start().await;
+async fn a_new_tag_cut_off_before_its_current_link_is_not_listed(backend: Backend) {
+    let aio = AllInOne::start_with(AllInOneOptions::on(backend)).await;
     let pusher = aio.pusher();
     let anon = aio.client();
-    let disk = aio.disk();
+    let store = &aio.store;
     let image = push_image(
         &pusher,
         "cut/tag",
@@ -2203,22 +2253,22 @@ async fn a_new_tag_cut_off_before_its_current_link_is_not_listed() {
         UploadMode::Monolithic,
     )
     .await;
-    // `put_manifest` writes the tag's index link, then its current link; and the
-    // current link through a temporary file in `current/`.
-    let index_link = disk.tag_index_link("cut/tag", "v2", &image.manifest_digest);
-    std::fs::create_dir_all(index_link.parent().expect("parent")).expect("dirs");
-    std::fs::write(&index_link, image.manifest_digest.as_bytes()).expect("index link");
-    let current_dir = disk
-        .tag_current("cut/tag", "v3")
-        .parent()
-        .expect("parent")
-        .to_path_buf();
-    std::fs::create_dir_all(&current_dir).expect("dirs");
-    std::fs::write(
-        current_dir.join(".tmp-0123456789abcdef"),
-        &image.manifest_digest[..10],
-    )
-    .expect("temporary file");
+    // `put_manifest` writes the tag's index link, then its current link; and on disk
+    // the current link through a temporary file in `current/`.
+    store
+        .write(
+            &tag_index_key("cut/tag", "v2", &image.manifest_digest),
+            image.manifest_digest.as_bytes(),
+        )
+        .await;
+    let current_link = tag_current_key("cut/tag", "v3");
+    let current_dir = current_link.strip_suffix("/link").expect("…/current/link");
+    store
+        .write(
+            &format!("{current_dir}/.tmp-0123456789abcdef"),
+            &image.manifest_digest.as_bytes()[..10],
+        )
+        .await;
 
     for tag in ["v2", "v3"] {
         let resp = anon.get(&format!("/v2/cut/tag/manifests/{tag}")).await;
@@ -2234,12 +2284,11 @@ async fn a_new_tag_cut_off_before_its_current_link_is_not_listed() {
     aio.gate.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_pushes_of_the_same_blob_manifest_and_tag_end_consistent() {
-    let aio = AllInOne::start().await;
+async fn concurrent_pushes_of_the_same_blob_manifest_and_tag_end_consistent(backend: Backend) {
+    let aio = AllInOne::start_with(AllInOneOptions::on(backend)).await;
     let pusher = aio.pusher();
     let anon = aio.client();
-    let disk = aio.disk();
+    let store = &aio.store;
     let repo = "race/app";
     let layers = three_layers(171);
     let (config, manifest) = common::image::config_and_manifest(&layers);
@@ -2309,26 +2358,22 @@ async fn concurrent_pushes_of_the_same_blob_manifest_and_tag_end_consistent() {
     let resp = anon.get(&format!("/v2/{repo}/tags/list")).await;
     assert_eq!(resp.json()["tags"], json!(["race", "same"]));
     assert_eq!(
-        disk.temporary_files(),
-        Vec::<std::path::PathBuf>::new(),
-        "no temporary file left"
+        store.unfinished_writes().await,
+        Vec::<String>::new(),
+        "no temporary file (or multipart upload) left"
     );
     assert_eq!(
-        open_uploads(&disk, repo),
+        store.open_uploads(repo).await,
         Vec::<String>::new(),
         "no upload left"
     );
-    let blob_dir = disk
-        .blob_data(&big_digest)
-        .parent()
-        .expect("dir")
-        .to_path_buf();
-    let names: Vec<String> = std::fs::read_dir(&blob_dir)
-        .expect("blob dir")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(names, ["data"], "one data file per blob");
+    let data = blob_key(&big_digest);
+    let blob_dir = data.strip_suffix("/data").expect("…/data");
+    assert_eq!(
+        store.names(blob_dir).await,
+        ["data"],
+        "one data file per blob"
+    );
     aio.gate.stop().await;
 }
 
@@ -2548,34 +2593,53 @@ async fn a_permission_error_is_a_5xx_and_reads_go_on() {
     aio.gate.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn abandoned_uploads_are_purged() {
+async fn abandoned_uploads_are_purged(backend: Backend) {
     let aio = AllInOne::start_with(AllInOneOptions {
         purge_uploads_after_secs: Some(1),
-        ..AllInOneOptions::default()
+        ..AllInOneOptions::on(backend)
     })
     .await;
     let pusher = aio.pusher();
-    let disk = aio.disk();
+    let store = &aio.store;
     let location = start_upload(&pusher, "purge/app").await;
     expect(
         &patch(&pusher, &location, 0, b"abandoned").await,
         202,
         "PATCH",
     );
+    // One with data in it: 6 MiB in one request is a part of a multipart upload in a
+    // bucket (at least 5 MiB), which the purge must abort.
+    let big = start_upload(&pusher, "purge/app").await;
+    let resp = patch(&pusher, &big, 0, &pseudo_random_bytes(6 * 1024 * 1024, 195)).await;
+    expect(&resp, 202, "PATCH 6 MiB");
+    let unfinished = store.unfinished_writes().await;
+    if backend == Backend::S3 && pusher.get(&big).await.status == 204 {
+        // Not purged yet after the listing, so it was there during it.
+        assert!(
+            !unfinished.is_empty(),
+            "a 6 MiB PATCH left no multipart upload in progress"
+        );
+    }
     let kept = upload_blob(&pusher, "purge/app", b"finished", UploadMode::Monolithic).await;
-    eventually("the abandoned upload to be purged", || {
-        let (pusher, location) = (pusher.clone(), location.clone());
-        async move { (pusher.get(&location).await.status == 404).then_some(()) }
-    })
-    .await;
-    expect_error(
-        &pusher.get(&location).await,
-        404,
-        "BLOB_UPLOAD_UNKNOWN",
-        "purged upload",
+    for location in [&location, &big] {
+        eventually("the abandoned upload to be purged", || {
+            let (pusher, location) = (pusher.clone(), location.clone());
+            async move { (pusher.get(&location).await.status == 404).then_some(()) }
+        })
+        .await;
+        expect_error(
+            &pusher.get(location).await,
+            404,
+            "BLOB_UPLOAD_UNKNOWN",
+            "purged upload",
+        );
+    }
+    assert_eq!(store.open_uploads("purge/app").await, Vec::<String>::new());
+    assert_eq!(
+        store.unfinished_writes().await,
+        Vec::<String>::new(),
+        "the purge left temporary files (or multipart uploads) behind"
     );
-    assert_eq!(open_uploads(&disk, "purge/app"), Vec::<String>::new());
     expect(
         &head(&aio.client(), &format!("/v2/purge/app/blobs/{kept}")).await,
         200,
@@ -2587,10 +2651,22 @@ async fn abandoned_uploads_are_purged() {
 // ---------------------------------------------------------------------------
 // the CNCF layout, both ways, with Debian's docker-registry
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn what_docker_registry_wrote_is_served_by_the_gate() {
-    // docker-registry behind a proxying gate writes the store…
-    let stack = Stack::start().await;
+async fn what_docker_registry_wrote_is_served_by_the_gate(backend: Backend) {
+    // docker-registry behind a proxying gate writes the store (on S3 through its
+    // s3-aws driver)…
+    let shared = tempfile::Builder::new()
+        .prefix("registry-gate-shared")
+        .tempdir()
+        .expect("tempdir");
+    let store = TestStore::new(backend, shared.path());
+    let stack = Stack::start_with(StackOptions {
+        upstream: UpstreamOptions {
+            storage_yaml: Some(store.registry_yaml()),
+            ..UpstreamOptions::default()
+        },
+        ..StackOptions::default()
+    })
+    .await;
     let pusher = stack.pusher();
     let repo = "compat/from-distribution";
     let image = push_image(
@@ -2628,11 +2704,10 @@ async fn what_docker_registry_wrote_is_served_by_the_gate() {
     // …and the built-in registry serves it as it is.
     let mut stack = stack;
     stack.upstream.stop();
-    let root = stack.upstream.dir.join("storage");
     let gate = Gate::start(
         &stack.path("all-in-one"),
         GateOptions {
-            storage: Some(storage_lines(&root, true, None)),
+            storage: Some(store.gate_lines(true, None)),
             ..GateOptions::new(&stack.leaf)
         },
     )
@@ -2688,17 +2763,17 @@ async fn what_docker_registry_wrote_is_served_by_the_gate() {
     gate.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn what_the_gate_wrote_is_served_by_docker_registry() {
+async fn what_the_gate_wrote_is_served_by_docker_registry(backend: Backend) {
     let shared = tempfile::Builder::new()
         .prefix("registry-gate-shared")
         .tempdir()
         .expect("tempdir");
-    let root = shared.path().join("storage");
+    let store = TestStore::new(backend, shared.path());
     let aio = AllInOne::start_with(AllInOneOptions {
-        root: Some(root.clone()),
+        root: Some(store.root.clone()),
+        s3: store.s3.clone(),
         delete: true,
-        ..AllInOneOptions::default()
+        ..AllInOneOptions::on(backend)
     })
     .await;
     let pusher = aio.pusher();
@@ -2750,7 +2825,14 @@ async fn what_the_gate_wrote_is_served_by_docker_registry() {
     } = aio;
     gate.stop().await;
 
-    let upstream = Upstream::start(shared.path(), UpstreamOptions::default());
+    // docker-registry on the same store (on S3 through its s3-aws driver).
+    let upstream = Upstream::start(
+        shared.path(),
+        UpstreamOptions {
+            storage_yaml: Some(store.registry_yaml()),
+            ..UpstreamOptions::default()
+        },
+    );
     let proxy = Gate::start(
         &dir.path().join("proxy"),
         GateOptions {
@@ -2840,9 +2922,8 @@ fn layout_has_blob(dir: &Path, digest: &str) -> bool {
     std::fs::read(dir.join("blobs/sha256").join(hex)).is_ok_and(|b| sha256_digest(&b) == digest)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn skopeo_pushes_and_pulls_an_image_and_a_multi_arch_index() {
-    let aio = AllInOne::start().await;
+async fn skopeo_pushes_and_pulls_an_image_and_a_multi_arch_index(backend: Backend) {
+    let aio = AllInOne::start_with(AllInOneOptions::on(backend)).await;
     let anon = aio.client();
     let skopeo = Skopeo::new(&aio.path("skopeo"), &aio.ca.cert);
     let host = aio.gate.authority();
@@ -2959,11 +3040,10 @@ async fn skopeo_pushes_and_pulls_an_image_and_a_multi_arch_index() {
     aio.gate.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn podman_pushes_and_pulls() {
+async fn podman_pushes_and_pulls(backend: Backend) {
     use common::docker::DockerArchive;
     use common::podman::Podman;
-    let aio = AllInOne::start().await;
+    let aio = AllInOne::start_with(AllInOneOptions::on(backend)).await;
     let anon = aio.client();
     let host = aio.gate.authority();
     let dir = aio.path("podman");
@@ -3081,11 +3161,10 @@ async fn push_referrer(client: &Client, repo: &str, subject: &PushedImage) -> St
     sha256_digest(&m)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gc_dry_run_reports_and_gc_removes_only_unreferenced_content() {
+async fn gc_dry_run_reports_and_gc_removes_only_unreferenced_content(backend: Backend) {
     let aio = AllInOne::start_with(AllInOneOptions {
         delete: true,
-        ..AllInOneOptions::default()
+        ..AllInOneOptions::on(backend)
     })
     .await;
     let pusher = aio.pusher();
@@ -3208,7 +3287,7 @@ async fn gc_dry_run_reports_and_gc_removes_only_unreferenced_content() {
         404,
         "collected blob",
     );
-    assert!(!aio.disk().blob_data(&orphan_digest).exists());
+    assert!(!aio.store.exists(&blob_key(&orphan_digest)).await);
     assert_complete(&anon, repo, &old.manifest_digest).await;
     everything_is_there().await;
 
@@ -3233,7 +3312,7 @@ async fn gc_dry_run_reports_and_gc_removes_only_unreferenced_content() {
             404,
             "a blob of the untagged image",
         );
-        assert!(!aio.disk().blob_data(d).exists(), "{d} on disk");
+        assert!(!aio.store.exists(&blob_key(d)).await, "{d} in the store");
     }
     everything_is_there().await;
 
@@ -3250,16 +3329,15 @@ async fn gc_dry_run_reports_and_gc_removes_only_unreferenced_content() {
     aio.gate.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn gc_while_pushing_never_removes_what_was_pushed_or_linked_meanwhile() {
+async fn gc_while_pushing_never_removes_what_was_pushed_or_linked_meanwhile(backend: Backend) {
     let aio = AllInOne::start_with(AllInOneOptions {
         delete: true,
-        ..AllInOneOptions::default()
+        ..AllInOneOptions::on(backend)
     })
     .await;
     let pusher = aio.pusher();
     let anon = aio.client();
-    let disk = aio.disk();
+    let store = &aio.store;
     let base = push_image(
         &pusher,
         "gc/base",
@@ -3271,21 +3349,20 @@ async fn gc_while_pushing_never_removes_what_was_pushed_or_linked_meanwhile() {
     let (index_digest, _) = push_index(&pusher, "gc/base", "multi", 252).await;
 
     // Old garbage, so that the collection takes a while: blobs nothing references.
-    let garbage: Vec<(String, Vec<u8>)> = tokio::task::block_in_place(|| {
-        (0..6000u32)
-            .map(|i| {
-                let bytes = format!("garbage {i}").into_bytes();
-                let d = sha256_digest(&bytes);
-                let data = disk.blob_data(&d);
-                std::fs::create_dir_all(data.parent().expect("parent")).expect("blob dir");
-                std::fs::write(&data, &bytes).expect("blob");
-                (d, bytes)
-            })
-            .collect()
-    });
+    let garbage: Vec<(String, Vec<u8>)> = (0..6000u32)
+        .map(|i| {
+            let bytes = format!("garbage {i}").into_bytes();
+            (sha256_digest(&bytes), bytes)
+        })
+        .collect();
+    futures_util::stream::iter(&garbage)
+        .for_each_concurrent(32, |(d, bytes)| async move {
+            store.write(&blob_key(d), bytes).await;
+        })
+        .await;
     let mut by_digest = garbage.clone();
     by_digest.sort();
-    let first_swept = disk.blob_data(&by_digest[0].0);
+    let first_swept = blob_key(&by_digest[0].0);
     // Garbage the sweep reaches last, which a client pushes again while it runs.
     let revived: Vec<(String, Vec<u8>)> = by_digest[by_digest.len() - 20..].to_vec();
 
@@ -3299,7 +3376,7 @@ async fn gc_while_pushing_never_removes_what_was_pushed_or_linked_meanwhile() {
         .expect("start registry-gate gc");
     eventually("the sweep to start", || {
         let first_swept = first_swept.clone();
-        async move { (!first_swept.exists()).then_some(()) }
+        async move { (!store.exists(&first_swept).await).then_some(()) }
     })
     .await;
 
@@ -3374,18 +3451,22 @@ async fn gc_while_pushing_never_removes_what_was_pushed_or_linked_meanwhile() {
         index_digest
     );
     // The rest of the garbage went.
+    let stored: BTreeSet<String> = store
+        .keys(&format!("{V2}/blobs"))
+        .await
+        .into_iter()
+        .collect();
     let left = garbage
         .iter()
-        .filter(|(d, _)| disk.blob_data(d).exists() && !revived_ok.contains(d))
+        .filter(|(d, _)| stored.contains(&blob_key(d)) && !revived_ok.contains(d))
         .count();
     assert_eq!(left, 0, "garbage left behind; gc said:\n{report}");
     aio.gate.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_server_collects_garbage_on_its_schedule() {
+async fn the_server_collects_garbage_on_its_schedule(backend: Backend) {
     // Content written first, by a gate without a schedule…
-    let aio = AllInOne::start().await;
+    let aio = AllInOne::start_with(AllInOneOptions::on(backend)).await;
     let pusher = aio.pusher();
     let image = push_image(
         &pusher,
@@ -3406,8 +3487,9 @@ async fn the_server_collects_garbage_on_its_schedule() {
         gate,
         ca,
         leaf,
-        root,
+        store,
         dir,
+        ..
     } = aio;
     gate.stop().await;
     // …then served by one that collects every second.
@@ -3415,7 +3497,7 @@ async fn the_server_collects_garbage_on_its_schedule() {
         &dir.path().join("scheduled"),
         GateOptions {
             storage: Some(
-                storage_lines(&root, false, None) + "gc_interval_secs = 1\ngc_grace_secs = 0\n",
+                store.gate_lines(false, None) + "gc_interval_secs = 1\ngc_grace_secs = 0\n",
             ),
             ..GateOptions::new(&leaf)
         },
@@ -3432,13 +3514,12 @@ async fn the_server_collects_garbage_on_its_schedule() {
     gate.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_served_manifest_follows_its_tag_when_it_moves_or_goes() {
+async fn a_served_manifest_follows_its_tag_when_it_moves_or_goes(backend: Backend) {
     // The registry remembers manifests it served; a moved or deleted tag must show
     // at once, whoever changed it.
     let aio = AllInOne::start_with(AllInOneOptions {
         delete: true,
-        ..AllInOneOptions::default()
+        ..AllInOneOptions::on(backend)
     })
     .await;
     let pusher = aio.pusher();

@@ -10,6 +10,9 @@
 //! * `registry` — the gate with its built-in registry (all-in-one), in process or as
 //!   the real binary, and what the registry tests need around it
 //! * `wire`     — raw HTTP/1.1 over TLS: odd framing, pipelined requests, slow heads
+//! * `garage`   — a real three-node Garage cluster (S3) on loopback
+//! * `store`    — the built-in registry's store for a test (disk or S3) and a view of it
+//! * `throttle` — a proxy in front of Garage that answers some requests `503 SlowDown`
 //!
 //! `Stack` puts them together: the usual arrangement of one test.
 #![allow(dead_code)]
@@ -18,6 +21,7 @@ pub mod client;
 pub mod containerd;
 pub mod daemon;
 pub mod docker;
+pub mod garage;
 pub mod gate;
 pub mod image;
 pub mod oras;
@@ -25,6 +29,8 @@ pub mod pki;
 pub mod podman;
 pub mod registry;
 pub mod skopeo;
+pub mod store;
+pub mod throttle;
 pub mod upstream;
 pub mod wire;
 

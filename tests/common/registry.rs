@@ -17,9 +17,11 @@ use serde_json::json;
 use tempfile::TempDir;
 
 use super::client::{Client, ReqBody};
+use super::garage::S3Place;
 use super::gate::{Gate, GateOptions, apr1_line, bcrypt_line};
 use super::image::{OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, gzip_stored};
 use super::pki::{Ca, KeyAlg, KeyEncoding, Leaf};
+use super::store::{Backend, TestStore};
 use super::{PUSHER, PseudoRandom, VIEWER, init_tracing, sha256_digest};
 
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -29,10 +31,13 @@ pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json"
 pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
 /// Knobs for `AllInOne::start_with`.
-#[derive(Default)]
 pub struct AllInOneOptions {
-    /// The storage root; `None`: `<test dir>/storage`.
+    /// Where the registry stores: the disk or a Garage cluster.
+    pub backend: Backend,
+    /// The storage root (`Fs`); `None`: `<test dir>/storage`.
     pub root: Option<PathBuf>,
+    /// The S3 place (`S3`); `None`: a fresh prefix in the shared cluster.
+    pub s3: Option<S3Place>,
     /// `[storage] delete`.
     pub delete: bool,
     /// `[storage] purge_uploads_after_secs`, when given.
@@ -43,11 +48,37 @@ pub struct AllInOneOptions {
     pub extra_storage: String,
 }
 
+impl Default for AllInOneOptions {
+    fn default() -> Self {
+        AllInOneOptions {
+            backend: Backend::Fs,
+            root: None,
+            s3: None,
+            delete: false,
+            purge_uploads_after_secs: None,
+            extra_tables: String::new(),
+            extra_storage: String::new(),
+        }
+    }
+}
+
+impl AllInOneOptions {
+    pub fn on(backend: Backend) -> AllInOneOptions {
+        AllInOneOptions {
+            backend,
+            ..AllInOneOptions::default()
+        }
+    }
+}
+
 /// A test CA, its leaf, and the in-process gate serving the built-in registry.
 pub struct AllInOne {
     pub ca: Ca,
     pub leaf: Leaf,
+    /// The storage root on disk (`Fs`).
     pub root: PathBuf,
+    /// What the registry stores on, with a view of it.
+    pub store: TestStore,
     pub gate: Gate,
     // Last: removed after everything that uses it.
     pub dir: TempDir,
@@ -79,15 +110,17 @@ impl AllInOne {
             KeyAlg::EcP256,
         );
         let leaf = ca.issue("localhost", KeyAlg::EcP256, KeyEncoding::Pkcs8);
-        let root = options
-            .root
-            .clone()
-            .unwrap_or_else(|| dir.path().join("storage"));
+        let store = match (options.backend, options.root.clone(), options.s3.clone()) {
+            (Backend::Fs, Some(root), _) => TestStore::fs(&root),
+            (Backend::S3, _, Some(place)) => TestStore::s3(place, dir.path()),
+            (backend, _, _) => TestStore::new(backend, dir.path()),
+        };
+        let root = store.root.clone();
         let gate = Gate::start(
             &dir.path().join("gate"),
             GateOptions {
                 storage: Some(
-                    storage_lines(&root, options.delete, options.purge_uploads_after_secs)
+                    store.gate_lines(options.delete, options.purge_uploads_after_secs)
                         + &options.extra_storage,
                 ),
                 extra_tables: options.extra_tables,
@@ -99,6 +132,7 @@ impl AllInOne {
             ca,
             leaf,
             root,
+            store,
             gate,
             dir,
         }
@@ -473,32 +507,41 @@ pub fn stalling(len: u64, seed: u64) -> ReqBody {
     GeneratedPart::new(0, len, seed, true).boxed()
 }
 
-/// Bytes `skip..skip + len` of `PseudoRandom::new(seed)` (`skip` a multiple of 8),
-/// made as they are sent, with no Content-Length: the rest of a resumed upload.
+/// Bytes `skip..skip + len` of `PseudoRandom::new(seed)` (any `skip`), made as they
+/// are sent, with no Content-Length: the rest of a resumed upload.
 pub fn generated_part(skip: u64, len: u64, seed: u64) -> ReqBody {
     GeneratedPart::new(skip, len, seed, false).boxed()
 }
 
 struct GeneratedPart {
     source: PseudoRandom,
+    /// Bytes still to generate (those to drop included).
     left: u64,
+    /// Bytes at the start of the next chunk that come before `skip` (the stream is
+    /// made 8 bytes at a time, so a `skip` that is not a multiple of 8 generates the
+    /// rest of its last word and drops it).
+    drop: usize,
     stall: bool,
 }
 
 impl GeneratedPart {
     fn new(skip: u64, len: u64, seed: u64, stall: bool) -> GeneratedPart {
-        assert_eq!(skip % 8, 0, "skip must be a multiple of 8");
         let mut source = PseudoRandom::new(seed);
         let mut buf = vec![0u8; 256 * 1024];
+        // Generate and drop the aligned prefix (in lengths that are multiples of 8,
+        // so the stream goes on as if it had been sent).
+        let aligned = skip - skip % 8;
         let mut skipped = 0;
-        while skipped < skip {
-            let n = (skip - skipped).min(buf.len() as u64) as usize;
+        while skipped < aligned {
+            let n = (aligned - skipped).min(buf.len() as u64) as usize;
             source.fill(&mut buf[..n]);
             skipped += n as u64;
         }
+        let drop = if len == 0 { 0 } else { (skip % 8) as usize };
         GeneratedPart {
             source,
-            left: len,
+            left: len + drop as u64,
+            drop,
             stall,
         }
     }
@@ -520,11 +563,13 @@ impl http_body::Body for GeneratedPart {
                 Poll::Ready(None)
             };
         }
+        // Every chunk but the last is a multiple of 8 long: the stream stays in step.
         let n = this.left.min(256 * 1024) as usize;
         let mut chunk = vec![0u8; n];
         this.source.fill(&mut chunk);
         this.left -= n as u64;
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
+        let chunk = Bytes::from(chunk).slice(std::mem::take(&mut this.drop)..);
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
     }
 }
 

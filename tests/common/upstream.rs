@@ -18,6 +18,9 @@ pub struct UpstreamOptions {
     /// Require Basic credentials from this htpasswd text (bcrypt lines only, as
     /// distribution demands).
     pub htpasswd: Option<String>,
+    /// The `storage:` section instead of a filesystem in the upstream's directory
+    /// (e.g. an S3 bucket, from `TestStore::registry_yaml`).
+    pub storage_yaml: Option<String>,
 }
 
 pub struct Upstream {
@@ -39,15 +42,20 @@ impl Upstream {
         } else {
             String::new()
         };
+        let storage = options.storage_yaml.clone().unwrap_or_else(|| {
+            format!(
+                "storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+                 \x20 maintenance:\n    uploadpurging:\n      enabled: false\n",
+                dir.join("storage").display()
+            )
+        });
         std::fs::write(
             &config,
             format!(
                 "version: 0.1\n\
                  log:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: false\n\
-                 storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\
-                 \x20 maintenance:\n    uploadpurging:\n      enabled: false\n\
+                 {storage}\
                  http:\n  addr: {addr}\n{host}  secret: registry-gate-test-secret\n",
-                storage = dir.join("storage").display(),
             ),
         )
         .expect("write registry config");
@@ -91,6 +99,8 @@ impl Upstream {
             .open(&self.log)
             .expect("open registry log");
         let child = command("docker-registry", "docker-registry")
+            // Its s3-aws driver panics at start when this is set (seen with 2.8.2).
+            .env_remove("AWS_CA_BUNDLE")
             .arg("serve")
             .arg(&self.config)
             .stdin(Stdio::null())
