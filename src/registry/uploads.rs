@@ -87,17 +87,23 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    async fn lock(&self, repo: &RepoName, id: &UploadId) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = {
-            let mut map = match self.map.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            map.entry((repo.as_str().to_owned(), id.as_str().to_owned()))
-                .or_default()
-                .clone()
+    fn entry(&self, repo: &RepoName, id: &UploadId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = match self.map.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
         };
-        lock.lock_owned().await
+        map.entry((repo.as_str().to_owned(), id.as_str().to_owned()))
+            .or_default()
+            .clone()
+    }
+
+    async fn lock(&self, repo: &RepoName, id: &UploadId) -> tokio::sync::OwnedMutexGuard<()> {
+        self.entry(repo, id).lock_owned().await
+    }
+
+    /// The session's lock when no request of this process holds it.
+    fn try_lock(&self, repo: &RepoName, id: &UploadId) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        self.entry(repo, id).try_lock_owned().ok()
     }
 
     /// Forget the locks nobody holds or waits for.
@@ -299,11 +305,39 @@ pub async fn status(
     id: &UploadId,
     ctx: &RequestContext,
 ) -> Handled {
-    let _session = reg.uploads.lock(repo, id).await;
-    let state = current_state(&reg.store, repo, id)
+    // A status never waits for a request that is writing (a stalled PATCH would hold
+    // it as long as its client stalls): it then reports what is stored so far.
+    let size = match reg.uploads.try_lock(repo, id) {
+        Some(_session) => current_state(&reg.store, repo, id)
+            .await?
+            .ok_or_else(upload_unknown)?
+            .size(),
+        None => stored_size(&reg.store, repo, id)
+            .await?
+            .ok_or_else(upload_unknown)?,
+    };
+    session_response(StatusCode::NO_CONTENT, ctx, repo, id, size)
+}
+
+/// What a session holds, read without changing anything: the saved state, and the
+/// bytes beyond it that the backend can see (a request writing now, or one that died).
+async fn stored_size(
+    store: &Store,
+    repo: &RepoName,
+    id: &UploadId,
+) -> Result<Option<u64>, Failure> {
+    let Some(state) = load_state(store, repo, id).await? else {
+        return Ok(None);
+    };
+    let Some(multipart) = state.multipart.as_deref().filter(|_| state.tail == 0) else {
+        return Ok(Some(state.size()));
+    };
+    let extra = store
+        .storage()
+        .resume_multipart(&Layout.upload_data(repo, id), multipart, state.parts_size)
         .await?
-        .ok_or_else(upload_unknown)?;
-    session_response(StatusCode::NO_CONTENT, ctx, repo, id, state.size())
+        .map_or(0, |(extra, _)| extra);
+    Ok(Some(state.size() + extra))
 }
 
 pub async fn cancel(reg: &Registry, repo: &RepoName, id: &UploadId) -> Handled {
