@@ -59,6 +59,12 @@ pub struct Config {
     pub storage: Option<StorageConfig>,
     #[serde(default)]
     pub server: ServerConfig,
+    /// What `prune` removes (and, with `[storage] prune_interval_secs`, the server).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retention: Vec<crate::lifecycle::rules::RetentionRule>,
+    /// Tags that no push may move and no delete may remove.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub immutable: Vec<crate::lifecycle::rules::ImmutableRule>,
     /// Metrics and health endpoints on a separate plain-HTTP listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<AdminConfig>,
@@ -178,6 +184,10 @@ pub struct StorageConfig {
     /// Content written this long before a collection started is kept as well.
     #[serde(default = "default_gc_grace")]
     pub gc_grace_secs: u64,
+    /// Apply the `[[retention]]` rules inside the server this often (0: never; use
+    /// `registry-gate prune` from cron instead, or as well).
+    #[serde(default)]
+    pub prune_interval_secs: u64,
     /// The built-in registry stores in an S3-compatible object store instead of
     /// `root`; several gates may share it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -597,6 +607,48 @@ impl Config {
                 return Err(invalid("rules", format!("rule {}: {problem}", i + 1)));
             }
         }
+        for (i, rule) in self.retention.iter().enumerate() {
+            if let Some(problem) = rule.problem() {
+                return Err(invalid(
+                    "retention",
+                    format!("[[retention]] {}: {problem}", i + 1),
+                ));
+            }
+        }
+        for (i, rule) in self.immutable.iter().enumerate() {
+            if let Some(problem) = rule.problem() {
+                return Err(invalid(
+                    "immutable",
+                    format!("[[immutable]] {}: {problem}", i + 1),
+                ));
+            }
+        }
+        if self
+            .storage
+            .as_ref()
+            .is_some_and(|s| s.prune_interval_secs > 0)
+        {
+            if self.retention.is_empty() {
+                return Err(invalid(
+                    "storage.prune_interval_secs",
+                    "needs at least one [[retention]] rule".into(),
+                ));
+            }
+            if self.storage.as_ref().is_some_and(|s| !s.delete) {
+                return Err(invalid(
+                    "storage.prune_interval_secs",
+                    "pruning deletes tags: set [storage] delete = true".into(),
+                ));
+            }
+            if self.upstream.is_some() {
+                return Err(invalid(
+                    "storage.prune_interval_secs",
+                    "scheduled pruning is for the built-in registry; in front of a \
+                     registry run `registry-gate prune --url` from cron"
+                        .into(),
+                ));
+            }
+        }
         if let Some(url) = &self.public_url {
             parse_public_url(url).map_err(|m| invalid("public_url", m))?;
         }
@@ -683,6 +735,14 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(())
+    }
+
+    /// The retention rules and immutable tags.
+    pub fn lifecycle(&self) -> crate::lifecycle::rules::Lifecycle {
+        crate::lifecycle::rules::Lifecycle {
+            retention: self.retention.clone(),
+            immutable: self.immutable.clone(),
+        }
     }
 
     /// The effective configuration as TOML, with secrets masked.

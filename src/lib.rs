@@ -26,6 +26,8 @@
 //!                       disk and an S3-compatible object store (several gates on
 //!                       one bucket), both in the CNCF layout; claims: gc without locks
 //!
+//! lifecycle `ls`, `rm`, `prune` over the local store or a registry's API (one
+//!          interface); `[[retention]]`; `[[immutable]]` checked by the gate
 //! admin    plain-HTTP listener: /metrics (metrics), /healthz, /readyz
 //! body     the response/request body type and the byte counting used by the log
 //! users    `registry-gate user add|del|list`: edits htpasswd and group files atomically
@@ -41,6 +43,7 @@ pub mod config;
 pub mod error;
 pub mod gate;
 pub mod io;
+pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

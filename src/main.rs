@@ -48,11 +48,77 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         grace_secs: u64,
     },
+    /// What is stored: repositories with tag counts and sizes; a repository's tags
+    /// (digest, type, platforms, size, push time); one tag's manifest.
+    Ls {
+        /// `REPO`, `REPO:TAG` or `REPO@DIGEST`; nothing: every repository.
+        what: Option<String>,
+        #[command(flatten)]
+        target: TargetArgs,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a tag (`REPO:TAG`: other tags on its manifest stay) or a manifest
+    /// (`REPO@DIGEST`, with every tag on it).
+    Rm {
+        what: String,
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Say what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Apply the [[retention]] rules now: remove the tags (and, with `untagged`, the
+    /// manifests) they let go. `gc` then frees the space (or `--gc`).
+    Prune {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// List what would go and the bytes it frees; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Collect garbage afterwards (the local store only).
+        #[arg(long)]
+        gc: bool,
+    },
     /// Manage users in the htpasswd and group files (no apache2-utils needed).
     User {
         #[command(subcommand)]
         action: UserCommand,
     },
+}
+
+/// Where `ls`, `rm` and `prune` work.
+#[derive(clap::Args)]
+struct TargetArgs {
+    /// The configuration: its store (all-in-one), and its [[retention]] and
+    /// [[immutable]] rules.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Work through a gate (or any registry) over the registry API instead, e.g.
+    /// `https://registry.example.org:5043`.
+    #[arg(long)]
+    url: Option<String>,
+    /// With --url: log in as this user (password from the terminal or the first line
+    /// of standard input); without it, credentials saved by `docker login` or `podman
+    /// login` for that host are used, if any.
+    #[arg(long, requires = "url")]
+    user: Option<String>,
+    /// With --url: trust this CA certificate (PEM) instead of the system's.
+    #[arg(long, requires = "url")]
+    ca_cert: Option<PathBuf>,
+}
+
+impl TargetArgs {
+    fn target(self) -> registry_gate::lifecycle::cli::Target {
+        registry_gate::lifecycle::cli::Target {
+            config_given: self.config.is_some(),
+            config: self.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG)),
+            url: self.url,
+            user: self.user,
+            ca_cert: self.ca_cert,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -194,6 +260,26 @@ fn run(cli: Cli) -> Result<(), String> {
                 report.bytes_freed
             );
             Ok(())
+        }
+        Command::Ls { what, target, json } => {
+            logging::init(&LogConfig::default());
+            registry_gate::lifecycle::cli::ls(&target.target(), what.as_deref(), json)
+        }
+        Command::Rm {
+            what,
+            target,
+            dry_run,
+        } => {
+            logging::init(&LogConfig::default());
+            registry_gate::lifecycle::cli::rm(&target.target(), &what, dry_run)
+        }
+        Command::Prune {
+            target,
+            dry_run,
+            gc,
+        } => {
+            logging::init(&LogConfig::default());
+            registry_gate::lifecycle::cli::prune(&target.target(), dry_run, gc)
         }
         Command::User { action } => {
             logging::init(&LogConfig::default());

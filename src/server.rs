@@ -138,6 +138,13 @@ pub async fn serve_with(
                     Duration::from_secs(storage.gc_grace_secs),
                 ));
             }
+            if storage.prune_interval_secs > 0 {
+                background.push(registry.spawn_prune(
+                    Duration::from_secs(storage.prune_interval_secs),
+                    Arc::new(config.lifecycle()),
+                    Duration::from_secs(storage.gc_grace_secs),
+                ));
+            }
             registry
         }
         (None, None) => {
@@ -239,7 +246,8 @@ pub async fn serve_with(
         .public_url
         .as_deref()
         .map(|u| u.trim_end_matches('/').to_owned());
-    let gate = Gate::new(backend, auth, policy, public_url, tokens, metrics.clone());
+    let gate = Gate::new(backend, auth, policy, public_url, tokens, metrics.clone())
+        .with_lifecycle(Arc::new(config.lifecycle()));
 
     let mut http = auto::Builder::new(TokioExecutor::new());
     http.http1()

@@ -158,7 +158,7 @@ impl Rule {
 }
 
 /// `*` matches within one path component, `**` across components.
-fn glob(pattern: &[u8], name: &[u8]) -> bool {
+pub(crate) fn glob(pattern: &[u8], name: &[u8]) -> bool {
     match pattern {
         [] => name.is_empty(),
         [b'*', b'*', rest @ ..] => {

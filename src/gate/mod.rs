@@ -10,9 +10,11 @@
 //!    a refused request gets a Bearer challenge naming the scope it needs, or 403 for a
 //!    Basic user without the right; a write is refused before one byte of its body is
 //!    read;
-//! 4. the backend, with the body streaming through (the catalog is filtered when rules
+//! 4. immutable tags (`[[immutable]]`): a push that would move one, or a delete that
+//!    would remove one, is refused here, for either backend;
+//! 5. the backend, with the body streaming through (the catalog is filtered when rules
 //!    can hide repositories);
-//! 5. `Docker-Distribution-Api-Version` set exactly once, `X-Request-Id`, and the
+//! 6. `Docker-Distribution-Api-Version` set exactly once, `X-Request-Id`, and the
 //!    access log line when the response body has been sent.
 
 mod access;
@@ -37,6 +39,8 @@ use crate::auth::{
 use crate::backend::{Backend, RequestContext};
 use crate::body::{self, Body, Counted};
 use crate::error::{ErrorCode, OciError};
+use crate::lifecycle::immutable;
+use crate::lifecycle::rules::Lifecycle;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::route::{self, RepoName, Route, RouteError};
 use access::{AccessLog, finish, printable, request_id};
@@ -64,6 +68,8 @@ pub struct Gate {
     public_url: Option<String>,
     tokens: TokenSettings,
     metrics: Arc<Metrics>,
+    /// `[[immutable]]` (and the retention rules, unused here).
+    lifecycle: Arc<Lifecycle>,
 }
 
 /// What the gate knows of where the client thinks it is.
@@ -92,7 +98,14 @@ impl Gate {
             public_url,
             tokens,
             metrics,
+            lifecycle: Arc::new(Lifecycle::default()),
         }
+    }
+
+    /// Enforce these immutable tags.
+    pub fn with_lifecycle(mut self, lifecycle: Arc<Lifecycle>) -> Self {
+        self.lifecycle = lifecycle;
+        self
     }
 
     /// Serve one request. Never fails: every outcome is a response.
@@ -121,7 +134,15 @@ impl Gate {
                 let filter = matches!(ctx.route, Route::Catalog) && self.policy.restricts_pull();
                 let caller_identity = filter.then(|| ctx.identity.clone());
                 let req = req.map(|b| body::boxed(Counted::new(b, bytes_in.clone(), None)));
-                let resp = self.backend.handle(req, *ctx).await;
+                let checked = if self.lifecycle.immutable.is_empty() {
+                    Ok(req)
+                } else {
+                    immutable::check(&self.lifecycle, self.backend.as_ref(), req, &ctx).await
+                };
+                let resp = match checked {
+                    Ok(req) => self.backend.handle(req, *ctx).await,
+                    Err(refused) => refused,
+                };
                 let resp = match caller_identity {
                     Some(identity) => match catalog::read(resp).await {
                         Ok(page) => {

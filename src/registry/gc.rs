@@ -59,8 +59,29 @@ pub struct GcReport {
     pub bytes_young: u64,
 }
 
+/// Add to `keep` what kept manifests keep, until nothing changes: the children of a
+/// kept index, and manifests whose `subject` is kept (signatures, SBOMs and other
+/// artifacts stay with their image).
+pub fn close_over(manifests: &[(&Digest, &Value)], keep: &mut HashSet<Digest>) {
+    loop {
+        let before = keep.len();
+        for (d, json) in manifests {
+            let (_, children, subject) = references(json);
+            if keep.contains(*d) {
+                keep.extend(children);
+            }
+            if subject.is_some_and(|s| keep.contains(&s)) {
+                keep.insert((*d).clone());
+            }
+        }
+        if keep.len() == before {
+            break;
+        }
+    }
+}
+
 /// The digests a manifest references: (blobs, child manifests, subject).
-fn references(json: &Value) -> (Vec<Digest>, Vec<Digest>, Option<Digest>) {
+pub fn references(json: &Value) -> (Vec<Digest>, Vec<Digest>, Option<Digest>) {
     let digest_of = |v: &Value| {
         v.get("digest")
             .and_then(Value::as_str)
@@ -151,22 +172,8 @@ pub async fn collect(store: &Store, options: GcOptions) -> Result<GcReport> {
         } else {
             manifests.iter().map(|(d, _, _)| d.clone()).collect()
         };
-        // Children of kept indexes, and artifacts whose subject is kept, until stable.
-        loop {
-            let before = keep.len();
-            for (d, _, json) in &manifests {
-                let (_, children, subject) = references(json);
-                if keep.contains(d) {
-                    keep.extend(children);
-                }
-                if subject.is_some_and(|s| keep.contains(&s)) {
-                    keep.insert(d.clone());
-                }
-            }
-            if keep.len() == before {
-                break;
-            }
-        }
+        let parsed: Vec<(&Digest, &Value)> = manifests.iter().map(|(d, _, j)| (d, j)).collect();
+        close_over(&parsed, &mut keep);
         for (d, modified, json) in &manifests {
             let (blobs, children, _) = references(json);
             if keep.contains(d) || *modified >= cutoff {

@@ -66,6 +66,10 @@ pub fn media_type_of(json: &Value) -> &str {
 #[derive(Clone)]
 struct Cached {
     link: String,
+    /// For a tag: the version of its push record (`None`: there is none).
+    pushed: Option<String>,
+    /// For a tag: when it was pushed, as `Last-Modified`.
+    last_modified: Option<HeaderValue>,
     digest: Digest,
     bytes: bytes::Bytes,
     media_type: HeaderValue,
@@ -132,13 +136,30 @@ async fn resolve(
         .map(|bytes| (meta.version, d, bytes)))
 }
 
+/// The versions a cached answer depends on: the link, and for a tag its push record.
+async fn versions(
+    reg: &Registry,
+    repo: &RepoName,
+    r: &Reference,
+) -> Result<(Option<String>, Option<String>), Failure> {
+    let link = reg.store.reference_link(repo, r);
+    let storage = reg.store.storage();
+    Ok(match r {
+        Reference::Tag(t) => {
+            let pushed = reg.store.layout().tag_pushed(repo, t);
+            let (link, pushed) = tokio::join!(storage.head(&link), storage.head(&pushed));
+            (link?.map(|m| m.version), pushed?.map(|m| m.version))
+        }
+        Reference::Digest(_) => (storage.head(&link).await?.map(|m| m.version), None),
+    })
+}
+
 pub async fn get(reg: &Registry, repo: &RepoName, r: &Reference, head: bool) -> Handled {
     let key = (repo.as_str().to_owned(), r.to_string());
     let cached = match reg.manifests.get(&key) {
         Some(c) => {
-            let link = reg.store.reference_link(repo, r);
-            let now = reg.store.storage().head(&link).await?;
-            now.is_some_and(|m| m.version == c.link).then_some(c)
+            let (link, pushed) = versions(reg, repo, r).await?;
+            (link.as_ref() == Some(&c.link) && pushed == c.pushed).then_some(c)
         }
         None => None,
     };
@@ -151,8 +172,22 @@ pub async fn get(reg: &Registry, repo: &RepoName, r: &Reference, head: bool) -> 
             let media_type = serde_json::from_slice::<Value>(&bytes)
                 .map(|v| media_type_of(&v).to_owned())
                 .unwrap_or_else(|_| OCI_MANIFEST.to_owned());
+            let (pushed, last_modified) = match r {
+                Reference::Tag(t) => {
+                    let (_, pushed) = versions(reg, repo, r).await?;
+                    let at = reg.store.tag_pushed(repo, t).await?.map(|(_, at)| at);
+                    (
+                        pushed,
+                        at.map(|at| header_value(&httpdate::fmt_http_date(at)))
+                            .transpose()?,
+                    )
+                }
+                Reference::Digest(_) => (None, None),
+            };
             let c = Cached {
                 link,
+                pushed,
+                last_modified,
                 digest: d,
                 bytes,
                 media_type: header_value(&media_type)?,
@@ -178,6 +213,9 @@ pub async fn get(reg: &Registry, repo: &RepoName, r: &Reference, head: bool) -> 
         header::ETAG,
         header_value(&format!("\"{}\"", cached.digest))?,
     );
+    if let Some(at) = cached.last_modified {
+        h.insert(header::LAST_MODIFIED, at);
+    }
     Ok(resp)
 }
 

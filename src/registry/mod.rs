@@ -16,10 +16,10 @@
 
 mod blobs;
 pub mod claims;
-mod digest;
+pub(crate) mod digest;
 pub mod gc;
 mod listing;
-mod manifests;
+pub(crate) mod manifests;
 pub mod storage;
 pub mod store;
 mod uploads;
@@ -191,6 +191,27 @@ impl Registry {
                     "garbage collection done"
                 ),
                 Err(e) => tracing::error!("garbage collection failed: {e}"),
+            }
+        })
+    }
+
+    /// Apply the retention rules every `every` (the first time after `every`).
+    pub fn spawn_prune(
+        self: &Arc<Self>,
+        every: Duration,
+        life: Arc<crate::lifecycle::rules::Lifecycle>,
+        grace: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        self.spawn_every(every, every, move |registry| {
+            let life = life.clone();
+            async move {
+                crate::lifecycle::cli::scheduled(
+                    registry.store.clone(),
+                    registry.delete_enabled,
+                    life,
+                    grace,
+                )
+                .await;
             }
         })
     }

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
@@ -190,8 +191,64 @@ impl Store {
             self.write_link(&Layout.tag_index_link(repo, tag, d), d)
                 .await?;
             self.write_link(&Layout.tag_current(repo, tag), d).await?;
+            self.record_push(repo, tag, d, SystemTime::now()).await?;
         }
         Ok(())
+    }
+
+    /// Record that `tag` was pushed as `d` at `at` (what retention ages tags by).
+    pub async fn record_push(
+        &self,
+        repo: &RepoName,
+        tag: &str,
+        d: &Digest,
+        at: SystemTime,
+    ) -> Result<()> {
+        let secs = at.duration_since(UNIX_EPOCH).map_or(0, |t| t.as_secs());
+        let record = serde_json::json!({
+            "digest": d.as_str(),
+            "pushed": crate::auth::token::rfc3339(secs),
+        });
+        self.storage
+            .put(
+                &Layout.tag_pushed(repo, tag),
+                Bytes::from(record.to_string()),
+            )
+            .await
+    }
+
+    /// What `tag` points at and when it was pushed: the time recorded at tag time when
+    /// it is for the digest the tag holds now, else (a tag written by `registry:2`, or
+    /// moved by it since) when its `current` link was written. `None`: no such tag.
+    pub async fn tag_pushed(
+        &self,
+        repo: &RepoName,
+        tag: &str,
+    ) -> Result<Option<(Digest, SystemTime)>> {
+        let current = Layout.tag_current(repo, tag);
+        let pushed = Layout.tag_pushed(repo, tag);
+        let (link, meta, record) = tokio::join!(
+            self.read_link(&current),
+            self.storage.head(&current),
+            self.storage.read(&pushed, 4096),
+        );
+        let (Some(d), Some(meta)) = (link?, meta?) else {
+            return Ok(None);
+        };
+        let recorded = record
+            .or_else(|e| match e {
+                StorageError::TooLarge(_) => Ok(None),
+                e => Err(e),
+            })?
+            .and_then(|(bytes, _)| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .filter(|v| v["digest"].as_str() == Some(d.as_str()))
+            .and_then(|v| {
+                v["pushed"]
+                    .as_str()
+                    .and_then(crate::auth::token::parse_rfc3339)
+            })
+            .map(|secs| UNIX_EPOCH + std::time::Duration::from_secs(secs));
+        Ok(Some((d, recorded.unwrap_or(meta.modified))))
     }
 
     /// Remove manifest `d` from `repo`, with every tag pointing at it; returns those

@@ -158,6 +158,12 @@ impl Layout {
         self.tag_dir(name, tag).child("current/link")
     }
 
+    /// When the tag was last pushed, and to which digest (registry-gate's own object
+    /// beside distribution's links; `registry:2` ignores it and removes it with the tag).
+    pub fn tag_pushed(&self, name: &RepoName, tag: &str) -> Key {
+        self.tag_dir(name, tag).child("pushedat")
+    }
+
     pub fn tag_index_link(&self, name: &RepoName, tag: &str, d: &Digest) -> Key {
         self.tag_dir(name, tag)
             .child("index")
