@@ -65,6 +65,9 @@ pub struct Config {
     /// Tags that no push may move and no delete may remove.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub immutable: Vec<crate::lifecycle::rules::ImmutableRule>,
+    /// In front of a registry: keep what cannot change (content by digest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheConfig>,
     /// Metrics and health endpoints on a separate plain-HTTP listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<AdminConfig>,
@@ -217,6 +220,73 @@ pub struct S3Config {
     /// distribution's `redirect`): clients must be able to reach the store.
     #[serde(default)]
     pub redirect: bool,
+}
+
+/// `[cache]`: manifests by digest and blobs from the upstream, on local disk.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    pub dir: PathBuf,
+    /// Most bytes on disk (`"20GiB"`, `"512MiB"`, or a number of bytes); least
+    /// recently used content goes first.
+    #[serde(default = "default_cache_size")]
+    pub max_size: String,
+    /// Manifests also kept in memory.
+    #[serde(default = "default_memory_entries")]
+    pub memory_entries: usize,
+    /// How long the upstream's word that a repository has a digest is trusted.
+    #[serde(default = "default_confirm_secs")]
+    pub confirm_secs: u64,
+}
+
+impl CacheConfig {
+    /// `max_size` in bytes.
+    pub fn max_bytes(&self) -> Result<u64, String> {
+        parse_size(&self.max_size)
+    }
+}
+
+/// `20GiB`, `512 MiB`, `10GB`, `1048576`: bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like \"20GiB\""))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (use KiB, MiB, GiB, TiB)"
+            ));
+        }
+    };
+    let bytes = number * factor as f64;
+    if !bytes.is_finite() || bytes < 1.0 {
+        return Err(format!("{text:?} is not a positive size"));
+    }
+    Ok(bytes as u64)
+}
+
+fn default_cache_size() -> String {
+    "20GiB".into()
+}
+fn default_memory_entries() -> usize {
+    1000
+}
+fn default_confirm_secs() -> u64 {
+    60
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -543,6 +613,9 @@ impl Config {
         if let Some(key) = &mut self.token.key_file {
             abs(key);
         }
+        if let Some(cache) = &mut self.cache {
+            abs(&mut cache.dir);
+        }
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -708,6 +781,31 @@ impl Config {
                 }
                 (Some(_), None) => {}
                 (None, Some(s3)) => validate_s3(s3).map_err(|(key, m)| invalid(key, m))?,
+            }
+        }
+        if let Some(cache) = &self.cache {
+            if self.upstream.is_none() {
+                return Err(invalid(
+                    "cache",
+                    "[cache] is for front mode (with [upstream]); the built-in registry \
+                     serves from its own store"
+                        .into(),
+                ));
+            }
+            let max = cache
+                .max_bytes()
+                .map_err(|m| invalid("cache.max_size", m))?;
+            if max < 1 << 20 {
+                return Err(invalid("cache.max_size", "must be at least 1MiB".into()));
+            }
+            if cache.dir.exists() && !cache.dir.is_dir() {
+                return Err(invalid(
+                    "cache.dir",
+                    format!("{} is not a directory", cache.dir.display()),
+                ));
+            }
+            if cache.confirm_secs == 0 {
+                return Err(invalid("cache.confirm_secs", "must be at least 1".into()));
             }
         }
         if self.watch_interval_ms < 50 {

@@ -19,6 +19,8 @@
 //!       ├ error    every error a client sees: OCI error JSON + status
 //!       └ backend  the trait the gate calls without knowing what is behind it
 //!            └ proxy    Backend for an external upstream registry (pooled, streaming)
+//!              └ cache  [cache]: content by digest kept on disk (and manifests in
+//!                       memory), served only for repositories the upstream confirmed
 //!
 //!            └ registry the built-in registry (all-in-one): OCI distribution API
 //!                       (uploads, manifests, listing, gc) written once over
@@ -39,6 +41,7 @@ pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod body;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod gate;

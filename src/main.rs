@@ -81,6 +81,13 @@ enum Command {
         #[arg(long)]
         gc: bool,
     },
+    /// The front cache ([cache]): what it holds (`stats`), or empty it (`clear`).
+    Cache {
+        #[arg(value_parser = ["stats", "clear"])]
+        action: String,
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// Manage users in the htpasswd and group files (no apache2-utils needed).
     User {
         #[command(subcommand)]
@@ -280,6 +287,18 @@ fn run(cli: Cli) -> Result<(), String> {
         } => {
             logging::init(&LogConfig::default());
             registry_gate::lifecycle::cli::prune(&target.target(), dry_run, gc)
+        }
+        Command::Cache { action, config } => {
+            logging::init(&LogConfig::default());
+            let loaded = Config::load(&config).map_err(|e| e.to_string())?;
+            let cache = loaded
+                .cache
+                .ok_or_else(|| format!("{} has no [cache] section", config.display()))?;
+            println!(
+                "{}",
+                registry_gate::cache::command(&cache, action == "clear")?
+            );
+            Ok(())
         }
         Command::User { action } => {
             logging::init(&LogConfig::default());

@@ -26,6 +26,11 @@ pub struct DurationLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -43,6 +48,12 @@ pub struct Metrics {
     pub storage_bytes: Gauge<i64, AtomicI64>,
     pub uploads_in_progress: Gauge<i64, AtomicI64>,
     pub connections: Gauge<i64, AtomicI64>,
+    pub cache_hits: Family<KindLabels, Counter>,
+    pub cache_misses: Family<KindLabels, Counter>,
+    pub cache_served_bytes: Counter,
+    pub cache_evictions: Counter,
+    pub cache_corrupt: Counter,
+    pub cache_bytes: Gauge<i64, AtomicI64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -120,7 +131,49 @@ impl Metrics {
             "Client connections open now",
             connections.clone(),
         );
+        let cache_hits = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "cache_hits",
+            "Front cache: requests answered from the cache, by kind (manifest, blob)",
+            cache_hits.clone(),
+        );
+        let cache_misses = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "cache_misses",
+            "Front cache: cacheable requests fetched from the upstream, by kind",
+            cache_misses.clone(),
+        );
+        let cache_served_bytes = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "cache_served_bytes",
+            "Front cache: body bytes served from the cache",
+            cache_served_bytes.clone(),
+        );
+        let cache_evictions = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "cache_evictions",
+            "Front cache: files removed to stay under max_size",
+            cache_evictions.clone(),
+        );
+        let cache_corrupt = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "cache_corrupt",
+            "Front cache: files found corrupt or truncated (removed, fetched again)",
+            cache_corrupt.clone(),
+        );
+        let cache_bytes = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "cache_size_bytes",
+            "Front cache: bytes on disk",
+            cache_bytes.clone(),
+        );
         Metrics {
+            cache_hits,
+            cache_misses,
+            cache_served_bytes,
+            cache_evictions,
+            cache_corrupt,
+            cache_bytes,
             registry,
             requests,
             durations,

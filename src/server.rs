@@ -112,7 +112,16 @@ pub async fn serve_with(
     };
     let mut background = Vec::new();
     let backend: Arc<dyn Backend> = match (&config.upstream, &config.storage) {
-        (Some(up), _) => Arc::new(Proxy::new(up, metrics.clone()).map_err(ServeError::Upstream)?),
+        (Some(up), _) => {
+            let proxy = Proxy::new(up, metrics.clone()).map_err(ServeError::Upstream)?;
+            match &config.cache {
+                Some(cache) => Arc::new(
+                    crate::cache::CachingProxy::new(proxy, cache, metrics.clone())
+                        .map_err(ServeError::Upstream)?,
+                ),
+                None => Arc::new(proxy),
+            }
+        }
         (None, Some(storage)) => {
             let registry = Arc::new(Registry::open(storage).map_err(ServeError::Backend)?);
             // A store that refuses us (wrong key, no such bucket) is a configuration

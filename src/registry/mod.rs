@@ -14,7 +14,7 @@
 //! * `digest`    hashing, resumable across gates
 //! * `storage`   the interface and its two backends, `fs` and `s3`
 
-mod blobs;
+pub(crate) mod blobs;
 pub mod claims;
 pub(crate) mod digest;
 pub mod gc;

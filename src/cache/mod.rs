@@ -1,0 +1,856 @@
+//! Front mode as a cache of what cannot change: manifests fetched by digest and
+//! blobs, on local disk (`disk`) and manifests also in memory, in front of the
+//! [`Proxy`].
+//!
+//! * Authorization is never cached away: the gate decides every request first; and a
+//!   digest is served for a repository only after the upstream confirmed that this
+//!   repository has it (a 200 to a request for it there), remembered per repository
+//!   and digest for `confirm_secs`. Otherwise a `HEAD` upstream asks first.
+//! * Tags are mutable: a request by tag always asks the upstream (a `HEAD` for a
+//!   `GET`, whose body may then come from the cache).
+//! * A miss is cached as it streams to the first client (a copy of each chunk goes to
+//!   a writer task; a cache too slow to keep up is given up, never the client).
+//!   Concurrent misses of one blob read the file being written instead of fetching it
+//!   again. Nothing is kept before its digest and length are checked.
+//! * Deletes through the gate end the confirmation at once; deletes done upstream
+//!   directly stop being served within `confirm_secs`.
+
+pub mod disk;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Frame;
+use tokio::sync::{mpsc, watch};
+
+use crate::backend::{Backend, BoxFuture, RequestContext};
+use crate::body::{self, Body, BoxError};
+use crate::config::CacheConfig;
+use crate::error::{ErrorCode, OciError};
+use crate::metrics::{KindLabels, Metrics};
+use crate::proxy::Proxy;
+use crate::registry::blobs::{RangeRequest, parse_range};
+use crate::route::{Digest, Reference, RepoName, Route};
+use disk::{DiskCache, Kind};
+
+/// Largest manifest cached (larger ones pass through).
+const MAX_MANIFEST: u64 = 4 * 1024 * 1024;
+/// Bytes read from a file being filled at a time.
+const FOLLOW_READ: usize = 256 * 1024;
+
+/// How a fill of one digest is going: bytes on disk so far, and the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Progress {
+    /// The blob's length, once the upstream answered with it.
+    size: Option<u64>,
+    written: u64,
+    /// `Some(true)`: whole and checked; `Some(false)`: given up.
+    done: Option<bool>,
+}
+
+/// A blob being written to the cache as it streams to its first client.
+struct Fill {
+    temp: PathBuf,
+    progress: watch::Receiver<Progress>,
+}
+
+/// Manifests in memory, least recently used out.
+#[derive(Default)]
+struct Memory {
+    map: HashMap<String, (Bytes, String, u64)>,
+    tick: u64,
+}
+
+pub struct CachingProxy {
+    proxy: Proxy,
+    disk: Arc<DiskCache>,
+    memory: Mutex<Memory>,
+    memory_entries: usize,
+    confirmed: Mutex<HashMap<(String, String), Instant>>,
+    confirm: Duration,
+    fills: Arc<Mutex<HashMap<String, Arc<Fill>>>>,
+    metrics: Arc<Metrics>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn cacheable(d: &Digest) -> bool {
+    d.algorithm() == "sha256"
+}
+
+fn kind_label(kind: Kind) -> KindLabels {
+    KindLabels {
+        kind: match kind {
+            Kind::Manifest => "manifest",
+            Kind::Blob => "blob",
+        },
+    }
+}
+
+fn value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+impl CachingProxy {
+    pub fn new(proxy: Proxy, config: &CacheConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
+        let max = config.max_bytes()?;
+        let disk = DiskCache::open(
+            &config.dir,
+            max,
+            metrics.cache_evictions.clone(),
+            metrics.cache_corrupt.clone(),
+        )
+        .map_err(|e| format!("cache.dir {}: {e}", config.dir.display()))?;
+        let (bytes, entries) = disk.usage();
+        tracing::info!(
+            dir = %config.dir.display(),
+            entries,
+            bytes,
+            max,
+            "cache opened"
+        );
+        metrics
+            .cache_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        Ok(CachingProxy {
+            proxy,
+            disk: Arc::new(disk),
+            memory: Mutex::new(Memory::default()),
+            memory_entries: config.memory_entries,
+            confirmed: Mutex::new(HashMap::new()),
+            confirm: Duration::from_secs(config.confirm_secs),
+            fills: Arc::new(Mutex::new(HashMap::new())),
+            metrics,
+        })
+    }
+
+    fn hit(&self, kind: Kind, bytes: u64) {
+        self.metrics
+            .cache_hits
+            .get_or_create(&kind_label(kind))
+            .inc();
+        self.metrics.cache_served_bytes.inc_by(bytes);
+    }
+
+    fn miss(&self, kind: Kind) {
+        self.metrics
+            .cache_misses
+            .get_or_create(&kind_label(kind))
+            .inc();
+    }
+
+    fn sample(&self) {
+        let (bytes, _) = self.disk.usage();
+        self.metrics
+            .cache_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    fn is_confirmed(&self, repo: &RepoName, d: &Digest) -> bool {
+        lock(&self.confirmed)
+            .get(&(repo.as_str().to_owned(), d.as_str().to_owned()))
+            .is_some_and(|at| at.elapsed() < self.confirm)
+    }
+
+    fn confirm(&self, repo: &RepoName, d: &str) {
+        let mut map = lock(&self.confirmed);
+        if map.len() > 100_000 {
+            let confirm = self.confirm;
+            map.retain(|_, at| at.elapsed() < confirm);
+        }
+        map.insert((repo.as_str().to_owned(), d.to_owned()), Instant::now());
+    }
+
+    fn unconfirm(&self, repo: &RepoName, d: &str) {
+        lock(&self.confirmed).remove(&(repo.as_str().to_owned(), d.to_owned()));
+    }
+
+    fn memory_get(&self, d: &str) -> Option<(Bytes, String)> {
+        let mut m = lock(&self.memory);
+        m.tick += 1;
+        let tick = m.tick;
+        m.map.get_mut(d).map(|e| {
+            e.2 = tick;
+            (e.0.clone(), e.1.clone())
+        })
+    }
+
+    fn memory_put(&self, d: &str, bytes: Bytes, media_type: String) {
+        if self.memory_entries == 0 {
+            return;
+        }
+        let mut m = lock(&self.memory);
+        m.tick += 1;
+        let tick = m.tick;
+        if m.map.len() >= self.memory_entries
+            && !m.map.contains_key(d)
+            && let Some(oldest) = m
+                .map
+                .iter()
+                .min_by_key(|(_, e)| e.2)
+                .map(|(k, _)| k.clone())
+        {
+            m.map.remove(&oldest);
+        }
+        m.map.insert(d.to_owned(), (bytes, media_type, tick));
+    }
+
+    /// The upstream's answer to a `HEAD` like `req` (same path and `Accept`).
+    async fn head_upstream(&self, req: &Request<Body>, ctx: &RequestContext) -> Response<Body> {
+        let mut head = Request::new(body::empty());
+        *head.method_mut() = Method::HEAD;
+        *head.uri_mut() = req.uri().clone();
+        for name in [header::ACCEPT, header::USER_AGENT] {
+            for v in req.headers().get_all(&name) {
+                head.headers_mut().append(name.clone(), v.clone());
+            }
+        }
+        self.proxy.handle(head, ctx.clone()).await
+    }
+
+    /// Whether `repo` has `d` upstream now (asked when the confirmation is stale).
+    async fn confirmed_now(
+        &self,
+        req: &Request<Body>,
+        ctx: &RequestContext,
+        repo: &RepoName,
+        d: &Digest,
+    ) -> bool {
+        if self.is_confirmed(repo, d) {
+            return true;
+        }
+        let resp = self.head_upstream(req, ctx).await;
+        let ok = resp.status() == StatusCode::OK;
+        if ok {
+            self.confirm(repo, d.as_str());
+        } else {
+            self.unconfirm(repo, d.as_str());
+        }
+        ok
+    }
+
+    async fn serve(&self, req: Request<Body>, ctx: RequestContext) -> Response<Body> {
+        let method = req.method().clone();
+        let route = ctx.route.clone();
+        match (&route, &method) {
+            (Route::Blob(repo, d), &Method::GET | &Method::HEAD) if cacheable(d) => {
+                self.blob(req, ctx, repo, d, method == Method::HEAD).await
+            }
+            (Route::Manifest(repo, Reference::Digest(d)), &Method::GET | &Method::HEAD)
+                if cacheable(d) =>
+            {
+                self.manifest_by_digest(req, ctx, repo, d, method == Method::HEAD)
+                    .await
+            }
+            (Route::Manifest(repo, Reference::Tag(_)), &Method::GET) => {
+                self.manifest_by_tag(req, ctx, repo).await
+            }
+            (Route::Manifest(repo, Reference::Tag(_)), &Method::HEAD) => {
+                let resp = self.proxy.handle(req, ctx).await;
+                if resp.status() == StatusCode::OK
+                    && let Some(d) = digest_header(resp.headers())
+                {
+                    self.confirm(repo, &d);
+                }
+                resp
+            }
+            (
+                Route::Manifest(repo, Reference::Digest(d)) | Route::Blob(repo, d),
+                &Method::DELETE,
+            ) => {
+                // Not served for this repository from now on, whatever the answer.
+                self.unconfirm(repo, d.as_str());
+                self.proxy.handle(req, ctx).await
+            }
+            _ => self.proxy.handle(req, ctx).await,
+        }
+    }
+
+    async fn manifest_by_digest(
+        &self,
+        req: Request<Body>,
+        ctx: RequestContext,
+        repo: &RepoName,
+        d: &Digest,
+        head: bool,
+    ) -> Response<Body> {
+        let cached = match self.memory_get(d.as_str()) {
+            Some(found) => Some(found),
+            None => self.manifest_from_disk(d).await,
+        };
+        if let Some((bytes, media_type)) = cached
+            && self.confirmed_now(&req, &ctx, repo, d).await
+        {
+            let len = bytes.len() as u64;
+            self.hit(Kind::Manifest, if head { 0 } else { len });
+            return manifest_response(d.as_str(), &media_type, bytes, head);
+        }
+        self.miss(Kind::Manifest);
+        let resp = self.proxy.handle(req, ctx).await;
+        self.keep_manifest(repo, Some(d.as_str()), resp, head).await
+    }
+
+    async fn manifest_from_disk(&self, d: &Digest) -> Option<(Bytes, String)> {
+        let disk = self.disk.clone();
+        let digest = d.as_str().to_owned();
+        let found = tokio::task::spawn_blocking(move || {
+            use std::io::Read as _;
+            let found = disk.open_checked(&digest)?;
+            if found.kind != Kind::Manifest || found.size > MAX_MANIFEST {
+                return None;
+            }
+            let mut buf = Vec::with_capacity(found.size as usize);
+            (&found.file).read_to_end(&mut buf).ok()?;
+            Some((Bytes::from(buf), found.media_type.unwrap_or_default()))
+        })
+        .await
+        .ok()
+        .flatten()?;
+        self.memory_put(d.as_str(), found.0.clone(), found.1.clone());
+        Some(found)
+    }
+
+    /// A manifest answer from upstream: passed on, and kept when it is a whole 200
+    /// whose bytes match its digest (`expected`, or the `Docker-Content-Digest`).
+    async fn keep_manifest(
+        &self,
+        repo: &RepoName,
+        expected: Option<&str>,
+        resp: Response<Body>,
+        head: bool,
+    ) -> Response<Body> {
+        if resp.status() != StatusCode::OK {
+            return resp;
+        }
+        let named = digest_header(resp.headers());
+        let Some(d) = expected.map(str::to_owned).or(named) else {
+            return resp;
+        };
+        self.confirm(repo, &d);
+        let small = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n <= MAX_MANIFEST);
+        if head || !small || !d.starts_with("sha256:") {
+            return resp;
+        }
+        let (parts, incoming) = resp.into_parts();
+        let bytes = match body::collect_limited(incoming, MAX_MANIFEST as usize).await {
+            Ok(b) => b,
+            Err(e) => {
+                return OciError::new(
+                    ErrorCode::Unavailable,
+                    format!("reading the manifest from the upstream failed: {e}"),
+                )
+                .into_response();
+            }
+        };
+        let actual = crate::registry::digest::of_bytes("sha256", &bytes).unwrap_or_default();
+        if actual == d {
+            let media_type = parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            self.memory_put(&d, bytes.clone(), media_type.clone());
+            let disk = self.disk.clone();
+            let (digest, data) = (d.clone(), bytes.clone());
+            let stored = tokio::task::spawn_blocking(move || {
+                disk.put_bytes(&digest, &data, Kind::Manifest, Some(media_type))
+            })
+            .await;
+            if let Ok(Err(e)) = stored {
+                tracing::warn!(digest = d, "cache: cannot store a manifest: {e}");
+            }
+            self.sample();
+        } else {
+            tracing::warn!(
+                expected = d,
+                actual,
+                "cache: the upstream's manifest does not match its digest; not kept"
+            );
+        }
+        Response::from_parts(parts, body::full(bytes))
+    }
+
+    async fn manifest_by_tag(
+        &self,
+        req: Request<Body>,
+        ctx: RequestContext,
+        repo: &RepoName,
+    ) -> Response<Body> {
+        // The tag's digest now, from the upstream; the body may then be cached.
+        let head = self.head_upstream(&req, &ctx).await;
+        if head.status() == StatusCode::OK
+            && let Some(d) = digest_header(head.headers())
+        {
+            self.confirm(repo, &d);
+            let cached = match self.memory_get(&d) {
+                Some(found) => Some(found),
+                None => match Digest::parse(&d) {
+                    Ok(parsed) if cacheable(&parsed) => self.manifest_from_disk(&parsed).await,
+                    _ => None,
+                },
+            };
+            if let Some((bytes, media_type)) = cached {
+                self.hit(Kind::Manifest, bytes.len() as u64);
+                let mut resp = manifest_response(&d, &media_type, bytes, false);
+                if let Some(lm) = head.headers().get(header::LAST_MODIFIED) {
+                    resp.headers_mut().insert(header::LAST_MODIFIED, lm.clone());
+                }
+                return resp;
+            }
+        }
+        self.miss(Kind::Manifest);
+        let resp = self.proxy.handle(req, ctx).await;
+        self.keep_manifest(repo, None, resp, false).await
+    }
+
+    async fn blob(
+        &self,
+        req: Request<Body>,
+        ctx: RequestContext,
+        repo: &RepoName,
+        d: &Digest,
+        head: bool,
+    ) -> Response<Body> {
+        if let Some((size, Kind::Blob, _)) = self.disk.peek(d.as_str())
+            && self.confirmed_now(&req, &ctx, repo, d).await
+        {
+            if head {
+                self.hit(Kind::Blob, 0);
+                return blob_response(d.as_str(), size, StatusCode::OK, 0, size, body::empty());
+            }
+            if let Some(resp) = self.blob_from_disk(&req, d).await {
+                return resp;
+            }
+        }
+        let whole_get = !head && req.headers().get(header::RANGE).is_none();
+        if !whole_get {
+            self.miss(Kind::Blob);
+            let resp = self.proxy.handle(req, ctx).await;
+            if resp.status() == StatusCode::OK || resp.status() == StatusCode::PARTIAL_CONTENT {
+                self.confirm(repo, d.as_str());
+            }
+            return resp;
+        }
+        // One fill per digest: the first miss fetches; the others read along once
+        // this repository is confirmed to have the blob.
+        let (fill, progress) = {
+            let mut fills = lock(&self.fills);
+            match fills.get(d.as_str()) {
+                Some(f) => (f.clone(), None),
+                None => {
+                    let (tx, rx) = watch::channel(Progress::default());
+                    let f = Arc::new(Fill {
+                        temp: self.disk.temp_path(),
+                        progress: rx,
+                    });
+                    fills.insert(d.as_str().to_owned(), f.clone());
+                    (f, Some(tx))
+                }
+            }
+        };
+        let Some(progress) = progress else {
+            if self.confirmed_now(&req, &ctx, repo, d).await
+                && let Some(resp) = follow(&fill, d.as_str()).await
+            {
+                return resp.inspect_size(|n| self.hit(Kind::Blob, n));
+            }
+            self.miss(Kind::Blob);
+            return self.proxy.handle(req, ctx).await;
+        };
+        self.miss(Kind::Blob);
+        let resp = self.proxy.handle(req, ctx).await;
+        if resp.status() == StatusCode::OK {
+            self.confirm(repo, d.as_str());
+        }
+        self.fill(d.as_str(), &fill, progress, resp)
+    }
+
+    async fn blob_from_disk(&self, req: &Request<Body>, d: &Digest) -> Option<Response<Body>> {
+        let disk = self.disk.clone();
+        let digest = d.as_str().to_owned();
+        let found = tokio::task::spawn_blocking(move || disk.open_checked(&digest))
+            .await
+            .ok()
+            .flatten()?;
+        let size = found.size;
+        let (status, start, count) = match parse_range(req.headers().get(header::RANGE), size) {
+            RangeRequest::Whole => (StatusCode::OK, 0, size),
+            RangeRequest::Part { start, end } => {
+                (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+            }
+            RangeRequest::Unsatisfiable => {
+                let mut resp =
+                    OciError::new(ErrorCode::BlobUnknown, "requested range not satisfiable")
+                        .with_status(StatusCode::RANGE_NOT_SATISFIABLE)
+                        .into_response();
+                resp.headers_mut()
+                    .insert(header::CONTENT_RANGE, value(&format!("bytes */{size}")));
+                return Some(resp);
+            }
+        };
+        let mut file = tokio::fs::File::from_std(found.file);
+        if start > 0 {
+            use tokio::io::AsyncSeekExt as _;
+            file.seek(std::io::SeekFrom::Start(start)).await.ok()?;
+        }
+        self.hit(Kind::Blob, count);
+        let body = body::boxed(crate::registry::storage::fs::FileBody::new(file, count));
+        Some(blob_response(d.as_str(), size, status, start, count, body))
+    }
+
+    /// Pass `resp` (for blob `d`) on, writing a copy of a whole 200 into the cache
+    /// under the fill claimed for it; anything else ends the fill.
+    fn fill(
+        &self,
+        d: &str,
+        fill: &Fill,
+        progress: watch::Sender<Progress>,
+        resp: Response<Body>,
+    ) -> Response<Body> {
+        let give_up = |progress: watch::Sender<Progress>| {
+            progress.send_modify(|p| p.done = Some(false));
+            lock(&self.fills).remove(d);
+        };
+        let size = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let Some(size) = size.filter(|_| resp.status() == StatusCode::OK) else {
+            give_up(progress);
+            return resp;
+        };
+        // The file exists before anyone learns the size (followers open it then).
+        let file = match std::fs::File::create(&fill.temp) {
+            Ok(f) => tokio::fs::File::from_std(f),
+            Err(e) => {
+                tracing::warn!(
+                    digest = d,
+                    "cache: cannot create {}: {e}",
+                    fill.temp.display()
+                );
+                give_up(progress);
+                return resp;
+            }
+        };
+        progress.send_modify(|p| p.size = Some(size));
+        let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+        let writer = Writer {
+            disk: self.disk.clone(),
+            fills: self.fills.clone(),
+            metrics: self.metrics.clone(),
+            digest: d.to_owned(),
+            temp: fill.temp.clone(),
+            size,
+            progress,
+        };
+        tokio::spawn(writer.run(file, rx));
+        let (parts, incoming) = resp.into_parts();
+        Response::from_parts(
+            parts,
+            body::boxed(Tee {
+                inner: incoming,
+                tx: Some(tx),
+            }),
+        )
+    }
+}
+
+/// Count a response's announced body length.
+trait InspectSize {
+    fn inspect_size(self, f: impl FnOnce(u64)) -> Self;
+}
+
+impl InspectSize for Response<Body> {
+    fn inspect_size(self, f: impl FnOnce(u64)) -> Self {
+        let n = self
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        f(n);
+        self
+    }
+}
+
+fn digest_header(h: &HeaderMap) -> Option<String> {
+    h.get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn manifest_response(d: &str, media_type: &str, bytes: Bytes, head: bool) -> Response<Body> {
+    let len = bytes.len();
+    let mut resp = Response::new(if head {
+        body::empty()
+    } else {
+        body::full(bytes)
+    });
+    let h = resp.headers_mut();
+    if !media_type.is_empty() {
+        h.insert(header::CONTENT_TYPE, value(media_type));
+    }
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert("docker-content-digest", value(d));
+    h.insert(header::ETAG, value(&format!("\"{d}\"")));
+    resp
+}
+
+fn blob_response(
+    d: &str,
+    size: u64,
+    status: StatusCode,
+    start: u64,
+    count: u64,
+    body: Body,
+) -> Response<Body> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert("docker-content-digest", value(d));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::ETAG, value(&format!("\"{d}\"")));
+    if status == StatusCode::PARTIAL_CONTENT {
+        h.insert(
+            header::CONTENT_RANGE,
+            value(&format!("bytes {start}-{}/{size}", start + count - 1)),
+        );
+    }
+    resp
+}
+
+/// A response for a blob being filled by another request: its file, read as it grows.
+async fn follow(fill: &Fill, d: &str) -> Option<Response<Body>> {
+    let mut rx = fill.progress.clone();
+    let size = loop {
+        let p = *rx.borrow_and_update();
+        if p.done == Some(false) {
+            return None;
+        }
+        if let Some(size) = p.size {
+            break size;
+        }
+        rx.changed().await.ok()?;
+    };
+    let file = tokio::fs::File::open(&fill.temp).await.ok()?;
+    let state = (file, rx, 0u64);
+    let stream = futures_util::stream::unfold(state, move |(mut file, mut rx, pos)| async move {
+        use tokio::io::AsyncReadExt as _;
+        if pos >= size {
+            return None;
+        }
+        loop {
+            let p = *rx.borrow_and_update();
+            if p.written > pos {
+                let want = usize::try_from((p.written - pos).min(FOLLOW_READ as u64))
+                    .unwrap_or(FOLLOW_READ);
+                let mut buf = vec![0u8; want];
+                return match file.read(&mut buf).await {
+                    Ok(0) | Err(_) => Some((
+                        Err::<Frame<Bytes>, BoxError>("cache file ended early".into()),
+                        (file, rx, size),
+                    )),
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Some((
+                            Ok(Frame::data(Bytes::from(buf))),
+                            (file, rx, pos + n as u64),
+                        ))
+                    }
+                };
+            }
+            if p.done == Some(false) {
+                return Some((Err("the upstream transfer failed".into()), (file, rx, size)));
+            }
+            if rx.changed().await.is_err() {
+                // The writer is gone: whatever it wrote is all there will be.
+                let p = *rx.borrow();
+                if p.written <= pos {
+                    return Some((Err("the upstream transfer ended".into()), (file, rx, size)));
+                }
+            }
+        }
+    });
+    let body = body::boxed(http_body_util::StreamBody::new(stream));
+    Some(blob_response(d, size, StatusCode::OK, 0, size, body))
+}
+
+/// A response body that hands a copy of each chunk to a fill's writer.
+struct Tee {
+    inner: Body,
+    tx: Option<mpsc::UnboundedSender<Bytes>>,
+}
+
+impl http_body::Body for Tee {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+            && let Some(tx) = &this.tx
+            && tx.send(data.clone()).is_err()
+        {
+            // The writer failed: the client goes on, this copy is given up. (The queue
+            // is unbounded: a disk slower than the network holds chunks in memory.)
+            this.tx = None;
+        }
+        if let std::task::Poll::Ready(Some(Err(_))) = &polled {
+            this.tx = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Writes one fill to a temporary file, checks it, and commits it.
+struct Writer {
+    disk: Arc<DiskCache>,
+    fills: Arc<Mutex<HashMap<String, Arc<Fill>>>>,
+    metrics: Arc<Metrics>,
+    digest: String,
+    temp: PathBuf,
+    size: u64,
+    progress: watch::Sender<Progress>,
+}
+
+impl Writer {
+    async fn run(self, file: tokio::fs::File, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+        let ok = self.write(file, &mut rx).await;
+        self.progress.send_modify(|p| p.done = Some(ok));
+        lock(&self.fills).remove(&self.digest);
+        if !ok {
+            let _ = tokio::fs::remove_file(&self.temp).await;
+        }
+        let (bytes, _) = self.disk.usage();
+        self.metrics
+            .cache_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    async fn write(
+        &self,
+        mut file: tokio::fs::File,
+        rx: &mut mpsc::UnboundedReceiver<Bytes>,
+    ) -> bool {
+        use sha2::Digest as _;
+        use tokio::io::AsyncWriteExt as _;
+        let mut hash = sha2::Sha256::new();
+        let mut written = 0u64;
+        while let Some(chunk) = rx.recv().await {
+            if file.write_all(&chunk).await.is_err() {
+                tracing::warn!(
+                    digest = self.digest,
+                    "cache: cannot write (disk full?); not kept"
+                );
+                return false;
+            }
+            hash.update(&chunk);
+            written += chunk.len() as u64;
+            self.progress.send_modify(|p| p.written = written);
+        }
+        if written != self.size || file.flush().await.is_err() {
+            return false;
+        }
+        drop(file);
+        let actual = format!("sha256:{}", crate::registry::digest::hex(&hash.finalize()));
+        if actual != self.digest {
+            tracing::warn!(
+                expected = self.digest,
+                actual,
+                "cache: the upstream's blob does not match its digest; not kept"
+            );
+            return false;
+        }
+        let (disk, temp, digest, size) = (
+            self.disk.clone(),
+            self.temp.clone(),
+            self.digest.clone(),
+            self.size,
+        );
+        match tokio::task::spawn_blocking(move || {
+            disk.commit(&temp, &digest, size, Kind::Blob, None)
+        })
+        .await
+        {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(digest = self.digest, "cache: cannot keep a blob: {e}");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+impl Backend for CachingProxy {
+    fn handle(&self, req: Request<Body>, ctx: RequestContext) -> BoxFuture<'_, Response<Body>> {
+        Box::pin(self.serve(req, ctx))
+    }
+
+    fn describe(&self) -> String {
+        format!("{} with a cache", self.proxy.describe())
+    }
+
+    fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
+        self.proxy.ready()
+    }
+}
+
+/// `registry-gate cache stats|clear`: what the cache directory holds (the server may
+/// be running: `clear` removes the files, and the server then finds them gone).
+pub fn command(config: &CacheConfig, clear: bool) -> Result<String, String> {
+    let max = config.max_bytes()?;
+    let disk = DiskCache::open(&config.dir, max, Default::default(), Default::default())
+        .map_err(|e| format!("cache.dir {}: {e}", config.dir.display()))?;
+    let [manifests, blobs] = disk.by_kind();
+    let stats = format!(
+        "{}: {} manifests ({} bytes), {} blobs ({} bytes), {} of {} bytes used",
+        config.dir.display(),
+        manifests.0,
+        manifests.1,
+        blobs.0,
+        blobs.1,
+        manifests.1 + blobs.1,
+        max
+    );
+    if clear {
+        disk.clear();
+        return Ok(format!("{stats}; cleared"));
+    }
+    Ok(stats)
+}
