@@ -139,10 +139,15 @@ impl Gate {
                 } else {
                     immutable::check(&self.lifecycle, self.backend.as_ref(), req, &ctx).await
                 };
+                let write = (req_method_is_write(&log.method))
+                    .then(|| (ctx.route.clone(), ctx.peer, ctx.id.clone(), user.clone()));
                 let resp = match checked {
                     Ok(req) => self.backend.handle(req, *ctx).await,
                     Err(refused) => refused,
                 };
+                if let Some((route, peer, id, user)) = write {
+                    audit_write(&log.method, &route, &resp, peer, &id, &user);
+                }
                 let resp = match caller_identity {
                     Some(identity) => match catalog::read(resp).await {
                         Ok(page) => {
@@ -644,6 +649,48 @@ fn has_body<B>(req: &Request<B>) -> bool {
             .headers()
             .get(header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() != b"0")
+}
+
+fn req_method_is_write(m: &http::Method) -> bool {
+    matches!(*m, http::Method::PUT | http::Method::DELETE)
+}
+
+/// The audit line of a push or delete that the backend accepted (target
+/// `registry_gate::audit`): who, what, the digest, from where.
+fn audit_write(
+    method: &http::Method,
+    route: &Route,
+    resp: &Response<body::Body>,
+    peer: SocketAddr,
+    id: &str,
+    user: &str,
+) {
+    let digest = resp
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    let (action, what) = match (method, route, resp.status()) {
+        (&http::Method::PUT, Route::Manifest(repo, r), StatusCode::CREATED) => {
+            ("push", format!("manifest {repo}:{r}"))
+        }
+        (&http::Method::DELETE, Route::Manifest(repo, r), StatusCode::ACCEPTED) => {
+            ("delete", format!("manifest {repo}:{r}"))
+        }
+        (&http::Method::DELETE, Route::Blob(repo, d), StatusCode::ACCEPTED) => {
+            ("delete", format!("blob {repo}@{d}"))
+        }
+        _ => return,
+    };
+    tracing::info!(
+        target: "registry_gate::audit",
+        id,
+        action,
+        user,
+        peer = %peer,
+        digest,
+        "{action} {what}"
+    );
 }
 
 #[cfg(test)]
