@@ -171,6 +171,14 @@ impl Gate {
             // Refusals are the rare path: route the path again for the metric.
             Err(rejection) => (rejection.response, rejection.user, self.family(&log.path)),
         };
+        // A HEAD answer never has a body (an HTTP/2 client resets a stream that
+        // carries one); its Content-Length stays what a GET would be sent.
+        let resp = if log.method == http::Method::HEAD {
+            let (parts, _) = resp.into_parts();
+            Response::from_parts(parts, body::empty())
+        } else {
+            resp
+        };
         finish(
             resp,
             AccessLog {

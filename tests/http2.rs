@@ -1,0 +1,68 @@
+//! Answers every client can read, over HTTP/2 and HTTP/1.1, checked with curl (the
+//! Debian 12 one is strict about HTTP/2 framing): a HEAD answer never carries a body
+//! (gate errors, registry errors, proxied answers), with `Content-Length` as a GET
+//! would send it.
+
+mod common;
+
+use common::registry::AllInOne;
+use common::{Stack, command};
+
+/// `curl -sSI` over `version`; (exit code, headers).
+fn curl_head(version: &str, ca: &std::path::Path, url: &str) -> (i32, String) {
+    let out: std::process::Output = command("curl", "curl")
+        .args(["-sS", "-I", version, "--cacert"])
+        .arg(ca)
+        .arg(url)
+        .output()
+        .expect("run curl");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn check_heads(base: &str, ca: &std::path::Path) {
+    let missing_blob = format!("{base}/v2/h2/app/blobs/sha256:{}", "0".repeat(64));
+    for path in [
+        missing_blob.as_str(),
+        &format!("{base}/v2/h2/app/manifests/nope"),
+        &format!("{base}/v2/"),
+        &format!("{base}/v2/no/such/endpoint/x"),
+    ] {
+        for version in ["--http2", "--http1.1"] {
+            let (code, text) = curl_head(version, ca, path);
+            assert_eq!(code, 0, "curl -I {version} {path}: {text}");
+            assert!(
+                text.to_ascii_lowercase().contains("content-length:"),
+                "{text}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn head_answers_have_no_body_built_in() {
+    let aio = AllInOne::start().await;
+    let base = aio.gate.base_url();
+    let ca = aio.ca.cert.clone();
+    tokio::task::spawn_blocking(move || check_heads(&base, &ca))
+        .await
+        .expect("join");
+    aio.gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn head_answers_have_no_body_in_front() {
+    let stack = Stack::start().await;
+    let base = stack.gate.base_url();
+    let ca = stack.ca.cert.clone();
+    tokio::task::spawn_blocking(move || check_heads(&base, &ca))
+        .await
+        .expect("join");
+    stack.gate.stop().await;
+}
