@@ -57,6 +57,14 @@ pub mod tls;
 pub mod users;
 pub mod watch;
 
+/// The multi-threaded runtime the commands run on.
+pub fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
 /// The header every response carries exactly once.
 pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
 /// Its value.

@@ -185,7 +185,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Serve { config } => {
             let config = Config::load(&config).map_err(|e| e.to_string())?;
             logging::init(&config.log);
-            runtime()?.block_on(async {
+            registry_gate::runtime()?.block_on(async {
                 let listener = server::bind(config.listen)
                     .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
                 server::serve(config, listener, shutdown_signal())
@@ -206,7 +206,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 && let Some(storage) = &loaded.storage
             {
                 let store = registry_gate::registry::open_storage(storage)?;
-                runtime()?
+                registry_gate::runtime()?
                     .block_on(store.check())
                     .map_err(|e| format!("storage: {e}"))?;
                 eprintln!("storage: {} answers", store.describe());
@@ -241,7 +241,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 delete_untagged,
                 grace: std::time::Duration::from_secs(grace_secs),
             };
-            let report = runtime()?
+            let report = registry_gate::runtime()?
                 .block_on(registry_gate::registry::gc::collect(&store, options))
                 .map_err(|e| e.to_string())?;
             let verb = if dry_run { "would remove" } else { "removed" };
@@ -305,13 +305,6 @@ fn run(cli: Cli) -> Result<(), String> {
             user_command(action)
         }
     }
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))
 }
 
 /// Bytes in MiB with one decimal, for people.

@@ -70,6 +70,21 @@ fn metric(text: &str, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `registry-gate cache ACTION --config CONFIG`, which must succeed; its stdout.
+fn cache_command(action: &str, config: &Path) -> String {
+    let out = std::process::Command::new(common::registry::BINARY)
+        .args(["cache", action, "--config"])
+        .arg(config)
+        .output()
+        .expect("run registry-gate cache");
+    assert!(
+        out.status.success(),
+        "cache {action}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 async fn get_blob(client: &Client, repo: &str, digest: &str) -> (u16, Vec<u8>) {
     let resp = client.get(&format!("/v2/{repo}/blobs/{digest}")).await;
     (resp.status.as_u16(), resp.body.to_vec())
@@ -329,29 +344,11 @@ async fn eviction_corruption_and_restart() {
         "served from the cache after the restart"
     );
     // `registry-gate cache stats` and `clear`.
-    let stats = std::process::Command::new(common::registry::BINARY)
-        .args(["cache", "stats", "--config"])
-        .arg(&restarted.files.config)
-        .output()
-        .expect("cache stats");
-    let text = String::from_utf8_lossy(&stats.stdout);
-    assert!(
-        stats.status.success() && text.contains("blobs"),
-        "{text} {}",
-        String::from_utf8_lossy(&stats.stderr)
-    );
+    let stats = cache_command("stats", &restarted.files.config);
+    assert!(stats.contains("blobs"), "{stats}");
     let restarted_config = restarted.files.config.clone();
     restarted.stop().await;
-    let cleared = std::process::Command::new(common::registry::BINARY)
-        .args(["cache", "clear", "--config"])
-        .arg(&restarted_config)
-        .output()
-        .expect("cache clear");
-    assert!(
-        cleared.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cleared.stderr)
-    );
+    cache_command("clear", &restarted_config);
     assert!(!file.exists(), "cleared");
 }
 

@@ -5,6 +5,7 @@
 //! untagged cleanup that keeps index children and referrers; immutable tags refusing
 //! a move and a delete from skopeo with the rule named; the scheduled prune.
 
+#[macro_use]
 mod common;
 
 use std::io::Write as _;
@@ -111,6 +112,18 @@ fn layer(seed: u64) -> Vec<Vec<u8>> {
     vec![pseudo_random_bytes(3000 + seed as usize, seed)]
 }
 
+/// Push a one-layer image made from `seed` as `repo:tag`.
+async fn push(client: &Client, repo: &str, tag: &str, seed: u64) -> PushedImage {
+    push_image(client, repo, tag, &layer(seed), UploadMode::Monolithic).await
+}
+
+/// A request without headers or body.
+async fn bare(client: &Client, method: &str, path: &str) -> common::client::Resp {
+    client
+        .request(method, path, &[], common::client::empty())
+        .await
+}
+
 async fn tag(client: &Client, repo: &str, tag: &str, manifest: &[u8], media_type: &str) {
     let resp = client
         .request(
@@ -187,27 +200,6 @@ async fn manifest_status(client: &Client, repo: &str, reference: &str) -> u16 {
         .as_u16()
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod fs {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(super::Backend::Fs).await
-                }
-            )*
-        }
-        mod s3 {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(super::Backend::S3).await
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
     ls_and_rm_on_the_store_and_through_the_gate,
     retention_keeps_pinned_newest_and_young_tags_and_cleans_untagged,
@@ -226,27 +218,13 @@ async fn ls_and_rm_on_the_store_and_through_the_gate(backend: Backend) {
     let pusher = aio.pusher();
     let config = aio.gate.files.config.display().to_string();
     let remote = through(&aio.gate, &aio.ca.cert);
-    let v1 = push_image(&pusher, "team/app", "v1", &layer(1), UploadMode::Monolithic).await;
-    let v2 = push_image(&pusher, "team/app", "v2", &layer(2), UploadMode::Monolithic).await;
+    let v1 = push(&pusher, "team/app", "v1", 1).await;
+    let v2 = push(&pusher, "team/app", "v2", 2).await;
     tag(&pusher, "team/app", "latest", &v2.manifest, OCI_MANIFEST).await;
-    let other = push_image(&pusher, "other", "x", &layer(3), UploadMode::Monolithic).await;
+    let other = push(&pusher, "other", "x", 3).await;
     // A two-platform index.
-    let arm = push_image(
-        &pusher,
-        "team/multi",
-        "arm",
-        &layer(4),
-        UploadMode::Monolithic,
-    )
-    .await;
-    let amd = push_image(
-        &pusher,
-        "team/multi",
-        "amd",
-        &layer(5),
-        UploadMode::Monolithic,
-    )
-    .await;
+    let arm = push(&pusher, "team/multi", "arm", 4).await;
+    let amd = push(&pusher, "team/multi", "amd", 5).await;
     let idx = index(
         OCI_INDEX,
         &[
@@ -399,7 +377,7 @@ async fn retention_keeps_pinned_newest_and_young_tags_and_cleans_untagged(backen
     ];
     let mut images = std::collections::HashMap::new();
     for (t, seed, days) in plan {
-        let image = push_image(&pusher, repo, t, &layer(seed), UploadMode::Monolithic).await;
+        let image = push(&pusher, repo, t, seed).await;
         age(&aio.store, repo, t, &image.manifest_digest, days).await;
         images.insert(t, image);
     }
@@ -422,19 +400,12 @@ async fn retention_keeps_pinned_newest_and_young_tags_and_cleans_untagged(backen
     .await;
     // An untagged manifest, an untagged index child of a kept index, and a referrer
     // (signature) of a kept manifest.
-    let orphan = push_image(&pusher, repo, "orphan", &layer(21), UploadMode::Monolithic).await;
-    let child = push_image(&pusher, repo, "child", &layer(22), UploadMode::Monolithic).await;
+    let orphan = push(&pusher, repo, "orphan", 21).await;
+    let child = push(&pusher, repo, "child", 22).await;
     let idx = index(OCI_INDEX, &[(OCI_MANIFEST, &child.manifest, "arm64")]);
     tag(&pusher, repo, "new-index", &idx, OCI_INDEX).await;
     for t in ["orphan", "child"] {
-        let resp = pusher
-            .request(
-                "DELETE",
-                &format!("/v2/{repo}/manifests/{t}"),
-                &[],
-                common::client::empty(),
-            )
-            .await;
+        let resp = bare(&pusher, "DELETE", &format!("/v2/{repo}/manifests/{t}")).await;
         assert_eq!(resp.status, 202, "untag {t}: {}", resp.text());
     }
     let sig_config = b"{}".to_vec();
@@ -448,14 +419,7 @@ async fn retention_keeps_pinned_newest_and_young_tags_and_cleans_untagged(backen
     let sig_digest = sha256_digest(&signature);
     tag(&pusher, repo, &sig_digest, &signature, OCI_MANIFEST).await;
     // Another repository with no retention rule is left alone.
-    push_image(
-        &pusher,
-        "free/app",
-        "old",
-        &layer(31),
-        UploadMode::Monolithic,
-    )
-    .await;
+    push(&pusher, "free/app", "old", 31).await;
     age(
         &aio.store,
         "free/app",
@@ -554,14 +518,7 @@ async fn retention_keeps_pinned_newest_and_young_tags_and_cleans_untagged(backen
         assert_eq!(manifest_status(&pusher, repo, d).await, status, "{d}");
     }
     for blob in images["old-1"].blob_digests() {
-        let resp = pusher
-            .request(
-                "HEAD",
-                &format!("/v2/{repo}/blobs/{blob}"),
-                &[],
-                common::client::empty(),
-            )
-            .await;
+        let resp = bare(&pusher, "HEAD", &format!("/v2/{repo}/blobs/{blob}")).await;
         assert_eq!(
             resp.status, 404,
             "blob {blob} of a pruned image is gone after --gc"
@@ -591,15 +548,8 @@ async fn immutable_tags_refuse_a_move_and_a_delete(backend: Backend) {
     let pusher = aio.pusher();
     let skopeo = Skopeo::new(&aio.path("skopeo"), &aio.ca.cert);
     let creds = format!("{}:{}", PUSHER.0, PUSHER.1);
-    let first = push_image(&pusher, "imm/app", "v1", &layer(41), UploadMode::Monolithic).await;
-    let second = push_image(
-        &pusher,
-        "imm/app",
-        "dev",
-        &layer(42),
-        UploadMode::Monolithic,
-    )
-    .await;
+    let first = push(&pusher, "imm/app", "v1", 41).await;
+    let second = push(&pusher, "imm/app", "dev", 42).await;
     let gate = aio.gate.authority();
     // The same digest again is fine.
     tag(&pusher, "imm/app", "v1", &first.manifest, OCI_MANIFEST).await;
@@ -648,14 +598,7 @@ async fn immutable_tags_refuse_a_move_and_a_delete(backend: Backend) {
     );
     assert!(err.contains("immutable by [[immutable]] rule 1"), "{err}");
     // The tag itself by name, through the API and the CLI.
-    let resp = pusher
-        .request(
-            "DELETE",
-            "/v2/imm/app/manifests/v1",
-            &[],
-            common::client::empty(),
-        )
-        .await;
+    let resp = bare(&pusher, "DELETE", "/v2/imm/app/manifests/v1").await;
     let codes = resp.assert_oci_error(403);
     assert_eq!(codes, ["DENIED"], "{}", resp.text());
     let err = cli_fails(
@@ -684,14 +627,12 @@ async fn immutable_tags_refuse_a_move_and_a_delete(backend: Backend) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let resp = pusher
-        .request(
-            "DELETE",
-            &format!("/v2/imm/app/manifests/{}", second.manifest_digest),
-            &[],
-            common::client::empty(),
-        )
-        .await;
+    let resp = bare(
+        &pusher,
+        "DELETE",
+        &format!("/v2/imm/app/manifests/{}", second.manifest_digest),
+    )
+    .await;
     assert_eq!(
         resp.status,
         202,
@@ -713,31 +654,10 @@ async fn in_front_of_docker_registry_through_the_gate() {
     .await;
     let pusher = stack.pusher();
     let remote = through(&stack.gate, &stack.ca.cert);
-    let a = push_image(
-        &pusher,
-        "front/app",
-        "a",
-        &layer(51),
-        UploadMode::Monolithic,
-    )
-    .await;
+    let a = push(&pusher, "front/app", "a", 51).await;
     tag(&pusher, "front/app", "a2", &a.manifest, OCI_MANIFEST).await;
-    let b = push_image(
-        &pusher,
-        "front/app",
-        "b",
-        &layer(52),
-        UploadMode::Monolithic,
-    )
-    .await;
-    let c = push_image(
-        &pusher,
-        "front/app",
-        "release-1",
-        &layer(53),
-        UploadMode::Monolithic,
-    )
-    .await;
+    let b = push(&pusher, "front/app", "b", 52).await;
+    let c = push(&pusher, "front/app", "release-1", 53).await;
     let listed = cli_ok(&args(&["ls", "front/app", "--json"], &remote), password());
     assert_eq!(tags_of(&listed), ["a", "a2", "b", "release-1"]);
     let v: Value = serde_json::from_str(&listed).expect("json");
@@ -826,7 +746,7 @@ async fn in_front_of_docker_registry_through_the_gate() {
 async fn deletes_disabled_are_said_plainly() {
     let aio = AllInOne::start().await;
     let pusher = aio.pusher();
-    push_image(&pusher, "off/app", "v1", &layer(61), UploadMode::Monolithic).await;
+    push(&pusher, "off/app", "v1", 61).await;
     let config = aio.gate.files.config.display().to_string();
     let err = cli_fails(&["rm", "off/app:v1", "--config", &config], None);
     assert!(
@@ -850,23 +770,9 @@ async fn the_server_prunes_on_a_schedule() {
     })
     .await;
     let pusher = aio.pusher();
-    let old = push_image(
-        &pusher,
-        "sched/app",
-        "old",
-        &layer(71),
-        UploadMode::Monolithic,
-    )
-    .await;
+    let old = push(&pusher, "sched/app", "old", 71).await;
     age(&aio.store, "sched/app", "old", &old.manifest_digest, 5).await;
-    push_image(
-        &pusher,
-        "sched/app",
-        "new",
-        &layer(72),
-        UploadMode::Monolithic,
-    )
-    .await;
+    push(&pusher, "sched/app", "new", 72).await;
     eventually("the scheduled prune to remove the older tag", || async {
         (tag_list(&pusher, "sched/app").await == ["new"]).then_some(())
     })

@@ -9,6 +9,7 @@
 //! `s3::<name>` on a real Garage cluster (see `on_both_backends!`), except the three
 //! about the disk itself (symlinks, a full disk, a permission error).
 
+#[macro_use]
 mod common;
 
 use std::collections::BTreeSet;
@@ -255,29 +256,6 @@ async fn assert_complete(client: &Client, repo: &str, reference: &str) -> String
 
 // ---------------------------------------------------------------------------
 // the suite, on both backends
-
-/// One `#[tokio::test]` per backend for each test named: `fs::<name>` runs it on the
-/// local disk, `s3::<name>` on the shared Garage cluster.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod fs {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(super::Backend::Fs).await
-                }
-            )*
-        }
-        mod s3 {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(super::Backend::S3).await
-                }
-            )*
-        }
-    };
-}
 
 on_both_backends!(
     pull_by_tag_and_digest_with_headers,

@@ -284,10 +284,7 @@ impl CachingProxy {
         d: &Digest,
         head: bool,
     ) -> Response<Body> {
-        let cached = match self.memory_get(d.as_str()) {
-            Some(found) => Some(found),
-            None => self.manifest_from_disk(d).await,
-        };
+        let cached = self.cached_manifest(d.as_str()).await;
         if let Some((bytes, media_type)) = cached
             && self.confirmed_now(&req, &ctx, repo, d).await
         {
@@ -300,9 +297,13 @@ impl CachingProxy {
         self.keep_manifest(repo, Some(d.as_str()), resp, head).await
     }
 
-    async fn manifest_from_disk(&self, d: &Digest) -> Option<(Bytes, String)> {
+    /// A manifest's bytes and media type, from memory or else the disk.
+    async fn cached_manifest(&self, d: &str) -> Option<(Bytes, String)> {
+        if let Some(found) = self.memory_get(d) {
+            return Some(found);
+        }
         let disk = self.disk.clone();
-        let digest = d.as_str().to_owned();
+        let digest = d.to_owned();
         let found = tokio::task::spawn_blocking(move || {
             use std::io::Read as _;
             let found = disk.open_checked(&digest)?;
@@ -316,7 +317,7 @@ impl CachingProxy {
         .await
         .ok()
         .flatten()?;
-        self.memory_put(d.as_str(), found.0.clone(), found.1.clone());
+        self.memory_put(d, found.0.clone(), found.1.clone());
         Some(found)
     }
 
@@ -337,12 +338,7 @@ impl CachingProxy {
             return resp;
         };
         self.confirm(repo, &d);
-        let small = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .is_some_and(|n| n <= MAX_MANIFEST);
+        let small = content_length(resp.headers()).is_some_and(|n| n <= MAX_MANIFEST);
         if head || !small || !d.starts_with("sha256:") {
             return resp;
         }
@@ -398,13 +394,7 @@ impl CachingProxy {
             && let Some(d) = digest_header(head.headers())
         {
             self.confirm(repo, &d);
-            let cached = match self.memory_get(&d) {
-                Some(found) => Some(found),
-                None => match Digest::parse(&d) {
-                    Ok(parsed) if cacheable(&parsed) => self.manifest_from_disk(&parsed).await,
-                    _ => None,
-                },
-            };
+            let cached = self.cached_manifest(&d).await;
             if let Some((bytes, media_type)) = cached {
                 self.hit(Kind::Manifest, bytes.len() as u64);
                 let mut resp = manifest_response(&d, &media_type, bytes, false);
@@ -468,7 +458,8 @@ impl CachingProxy {
             if self.confirmed_now(&req, &ctx, repo, d).await
                 && let Some(resp) = follow(&fill, d.as_str()).await
             {
-                return resp.inspect_size(|n| self.hit(Kind::Blob, n));
+                self.hit(Kind::Blob, content_length(resp.headers()).unwrap_or(0));
+                return resp;
             }
             self.miss(Kind::Blob);
             return self.proxy.handle(req, ctx).await;
@@ -523,33 +514,12 @@ impl CachingProxy {
         progress: watch::Sender<Progress>,
         resp: Response<Body>,
     ) -> Response<Body> {
-        let give_up = |progress: watch::Sender<Progress>| {
+        let size = content_length(resp.headers());
+        let Some(size) = size.filter(|_| resp.status() == StatusCode::OK) else {
             progress.send_modify(|p| p.done = Some(false));
             lock(&self.fills).remove(d);
-        };
-        let size = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let Some(size) = size.filter(|_| resp.status() == StatusCode::OK) else {
-            give_up(progress);
             return resp;
         };
-        // The file exists before anyone learns the size (followers open it then).
-        let file = match std::fs::File::create(&fill.temp) {
-            Ok(f) => tokio::fs::File::from_std(f),
-            Err(e) => {
-                tracing::warn!(
-                    digest = d,
-                    "cache: cannot create {}: {e}",
-                    fill.temp.display()
-                );
-                give_up(progress);
-                return resp;
-            }
-        };
-        progress.send_modify(|p| p.size = Some(size));
         let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
         let writer = Writer {
             disk: self.disk.clone(),
@@ -560,7 +530,7 @@ impl CachingProxy {
             size,
             progress,
         };
-        tokio::spawn(writer.run(file, rx));
+        tokio::spawn(writer.run(rx));
         let (parts, incoming) = resp.into_parts();
         Response::from_parts(
             parts,
@@ -572,22 +542,11 @@ impl CachingProxy {
     }
 }
 
-/// Count a response's announced body length.
-trait InspectSize {
-    fn inspect_size(self, f: impl FnOnce(u64)) -> Self;
-}
-
-impl InspectSize for Response<Body> {
-    fn inspect_size(self, f: impl FnOnce(u64)) -> Self {
-        let n = self
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        f(n);
-        self
-    }
+/// The announced body length.
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 fn digest_header(h: &HeaderMap) -> Option<String> {
@@ -749,8 +708,22 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(self, file: tokio::fs::File, mut rx: mpsc::UnboundedReceiver<Bytes>) {
-        let ok = self.write(file, &mut rx).await;
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+        // The file exists before anyone learns the size (followers open it then).
+        let ok = match tokio::fs::File::create(&self.temp).await {
+            Ok(file) => {
+                self.progress.send_modify(|p| p.size = Some(self.size));
+                self.write(file, &mut rx).await
+            }
+            Err(e) => {
+                tracing::warn!(
+                    digest = self.digest,
+                    "cache: cannot create {}: {e}",
+                    self.temp.display()
+                );
+                false
+            }
+        };
         self.progress.send_modify(|p| p.done = Some(ok));
         lock(&self.fills).remove(&self.digest);
         if !ok {
@@ -772,7 +745,9 @@ impl Writer {
         let mut hash = sha2::Sha256::new();
         let mut written = 0u64;
         while let Some(chunk) = rx.recv().await {
-            if file.write_all(&chunk).await.is_err() {
+            // tokio's File completes a write in the background; the flush waits for
+            // it, so `written` never counts bytes a follower could not read yet.
+            if file.write_all(&chunk).await.is_err() || file.flush().await.is_err() {
                 tracing::warn!(
                     digest = self.digest,
                     "cache: cannot write (disk full?); not kept"

@@ -139,7 +139,7 @@ impl Gate {
                 } else {
                     immutable::check(&self.lifecycle, self.backend.as_ref(), req, &ctx).await
                 };
-                let write = (req_method_is_write(&log.method))
+                let write = matches!(log.method, http::Method::PUT | http::Method::DELETE)
                     .then(|| (ctx.route.clone(), ctx.peer, ctx.id.clone(), user.clone()));
                 let resp = match checked {
                     Ok(req) => self.backend.handle(req, *ctx).await,
@@ -657,10 +657,6 @@ fn has_body<B>(req: &Request<B>) -> bool {
             .headers()
             .get(header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() != b"0")
-}
-
-fn req_method_is_write(m: &http::Method) -> bool {
-    matches!(*m, http::Method::PUT | http::Method::DELETE)
 }
 
 /// The audit line of a push or delete that the backend accepted (target

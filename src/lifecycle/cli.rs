@@ -228,13 +228,6 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))
-}
-
 /// `REPO`, `REPO:TAG` or `REPO@DIGEST`.
 enum Subject {
     Repo(crate::route::RepoName),
@@ -261,7 +254,7 @@ fn subject(s: &str) -> Result<Subject, String> {
 pub fn ls(target: &Target, what: Option<&str>, json: bool) -> Result<(), String> {
     let opened = target.open()?;
     let view = opened.view.as_ref();
-    let rt = runtime()?;
+    let rt = crate::runtime()?;
     match what.map(subject).transpose()? {
         None => {
             let repos = rt.block_on(ops::list_repositories(view))?;
@@ -346,7 +339,7 @@ pub fn ls(target: &Target, what: Option<&str>, json: bool) -> Result<(), String>
 pub fn rm(target: &Target, what: &str, dry_run: bool) -> Result<(), String> {
     let opened = target.open()?;
     let view = opened.view.as_ref();
-    let rt = runtime()?;
+    let rt = crate::runtime()?;
     let verb = if dry_run { "would remove" } else { "removed" };
     match subject(what)? {
         Subject::Repo(repo) => Err(format!(
@@ -410,7 +403,7 @@ pub fn prune(target: &Target, dry_run: bool, then_gc: bool) -> Result<(), String
         .map_or(crate::registry::gc::DEFAULT_GRACE, |s| {
             Duration::from_secs(s.gc_grace_secs)
         });
-    let rt = runtime()?;
+    let rt = crate::runtime()?;
     let options = PruneOptions {
         dry_run,
         grace,

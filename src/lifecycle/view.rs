@@ -53,7 +53,8 @@ fn storage_error(e: impl std::fmt::Display) -> String {
     format!("storage: {e}")
 }
 
-fn repo_name(name: &str) -> Result<RepoName> {
+/// Parse a repository name given on the command line.
+pub fn parse_repo(name: &str) -> Result<RepoName> {
     RepoName::parse(name).map_err(|e| format!("{name}: {e}"))
 }
 
@@ -455,8 +456,9 @@ impl View for RemoteView {
         let (status, _, body) = self.send(reqwest::Method::DELETE, &path, |r| r).await?;
         match status {
             StatusCode::ACCEPTED | StatusCode::OK => Ok(()),
-            StatusCode::NOT_FOUND => Err(format!("{repo}:{tag}: {}", error_text(status, &body))),
-            StatusCode::FORBIDDEN => Err(format!("{repo}:{tag}: {}", error_text(status, &body))),
+            StatusCode::NOT_FOUND | StatusCode::FORBIDDEN => {
+                Err(format!("{repo}:{tag}: {}", error_text(status, &body)))
+            }
             // A registry that deletes by digest only answers the tag's DELETE with
             // DIGEST_INVALID (400) or UNSUPPORTED (405).
             StatusCode::BAD_REQUEST | StatusCode::METHOD_NOT_ALLOWED => {
@@ -474,9 +476,4 @@ impl View for RemoteView {
             _ => Err(format!("{repo}@{d}: {}", error_text(status, &body))),
         }
     }
-}
-
-/// Parse `repo`, for the commands.
-pub fn parse_repo(name: &str) -> Result<RepoName> {
-    repo_name(name)
 }

@@ -83,20 +83,25 @@ impl Store {
 
     /// The digest a link holds, if the link exists and holds one.
     pub async fn read_link(&self, key: &Key) -> Result<Option<Digest>> {
-        Ok(self
-            .storage
-            .read(key, 1024)
-            .await
-            .or_else(|e| match e {
-                // Not a link this registry wrote: treat as absent.
-                StorageError::TooLarge(_) => Ok(None),
-                e => Err(e),
-            })?
-            .and_then(|(bytes, _)| {
-                std::str::from_utf8(&bytes)
-                    .ok()
-                    .and_then(|s| Digest::parse(s.trim()).ok())
-            }))
+        Ok(self.read_link_meta(key).await?.map(|(d, _)| d))
+    }
+
+    /// A link's digest and when it was written.
+    async fn read_link_meta(&self, key: &Key) -> Result<Option<(Digest, Meta)>> {
+        Ok(self.read_small(key, 1024).await?.and_then(|(bytes, meta)| {
+            std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|s| Digest::parse(s.trim()).ok())
+                .map(|d| (d, meta))
+        }))
+    }
+
+    /// A small object of ours; one larger than `limit` is not ours: absent.
+    async fn read_small(&self, key: &Key, limit: u64) -> Result<Option<(Bytes, Meta)>> {
+        self.storage.read(key, limit).await.or_else(|e| match e {
+            StorageError::TooLarge(_) => Ok(None),
+            e => Err(e),
+        })
     }
 
     async fn write_link(&self, key: &Key, d: &Digest) -> Result<()> {
@@ -227,19 +232,14 @@ impl Store {
     ) -> Result<Option<(Digest, SystemTime)>> {
         let current = Layout.tag_current(repo, tag);
         let pushed = Layout.tag_pushed(repo, tag);
-        let (link, meta, record) = tokio::join!(
-            self.read_link(&current),
-            self.storage.head(&current),
-            self.storage.read(&pushed, 4096),
+        let (link, record) = tokio::join!(
+            self.read_link_meta(&current),
+            self.read_small(&pushed, 4096),
         );
-        let (Some(d), Some(meta)) = (link?, meta?) else {
+        let Some((d, meta)) = link? else {
             return Ok(None);
         };
-        let recorded = record
-            .or_else(|e| match e {
-                StorageError::TooLarge(_) => Ok(None),
-                e => Err(e),
-            })?
+        let recorded = record?
             .and_then(|(bytes, _)| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
             .filter(|v| v["digest"].as_str() == Some(d.as_str()))
             .and_then(|v| {

@@ -211,17 +211,10 @@ async fn current_state(
     let Some(mut state) = load_state(store, repo, id).await? else {
         return Ok(None);
     };
-    let Some(multipart) = state.multipart.clone().filter(|_| state.tail == 0) else {
+    let Some((extra, tag)) = unrecorded(store, repo, id, &state).await? else {
         return Ok(Some(state));
     };
     let key = Layout.upload_data(repo, id);
-    let Some((extra, tag)) = store
-        .storage()
-        .resume_multipart(&key, &multipart, state.parts_size)
-        .await?
-    else {
-        return Ok(Some(state));
-    };
     let range = state.parts_size..state.parts_size + extra;
     let object = store
         .storage()
@@ -329,15 +322,27 @@ async fn stored_size(
     let Some(state) = load_state(store, repo, id).await? else {
         return Ok(None);
     };
-    let Some(multipart) = state.multipart.as_deref().filter(|_| state.tail == 0) else {
-        return Ok(Some(state.size()));
-    };
-    let extra = store
-        .storage()
-        .resume_multipart(&Layout.upload_data(repo, id), multipart, state.parts_size)
+    let extra = unrecorded(store, repo, id, &state)
         .await?
         .map_or(0, |(extra, _)| extra);
     Ok(Some(state.size() + extra))
+}
+
+/// Bytes the session's data holds beyond its state, with a part tag covering them,
+/// when the backend can tell (see `Storage::resume_multipart`); read-only.
+async fn unrecorded(
+    store: &Store,
+    repo: &RepoName,
+    id: &UploadId,
+    state: &State,
+) -> Result<Option<(u64, String)>, Failure> {
+    let Some(multipart) = state.multipart.as_deref().filter(|_| state.tail == 0) else {
+        return Ok(None);
+    };
+    Ok(store
+        .storage()
+        .resume_multipart(&Layout.upload_data(repo, id), multipart, state.parts_size)
+        .await?)
 }
 
 pub async fn cancel(reg: &Registry, repo: &RepoName, id: &UploadId) -> Handled {

@@ -29,6 +29,7 @@ pub mod pki;
 pub mod podman;
 pub mod registry;
 pub mod skopeo;
+#[macro_use]
 pub mod store;
 pub mod throttle;
 pub mod upstream;

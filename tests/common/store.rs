@@ -288,3 +288,28 @@ impl TestStore {
         }
     }
 }
+
+/// One `#[tokio::test]` per backend for each test named: `fs::<name>` runs it on the
+/// local disk, `s3::<name>` on the shared Garage cluster. Each test is an `async fn
+/// name(backend: Backend)` of the test file, which imports `Backend`.
+#[allow(unused_macros)]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod fs {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Backend::Fs).await
+                }
+            )*
+        }
+        mod s3 {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Backend::S3).await
+                }
+            )*
+        }
+    };
+}
