@@ -146,6 +146,13 @@ impl<B: HttpBody> Drop for Counted<B> {
     }
 }
 
+/// The body length a message announces (`Content-Length`), if it is a number.
+pub fn content_length(h: &http::HeaderMap) -> Option<u64> {
+    h.get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

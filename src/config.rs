@@ -68,6 +68,9 @@ pub struct Config {
     /// In front of a registry: keep what cannot change (content by digest).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheConfig>,
+    /// Webhooks: where push, delete (and pull) events are POSTed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notifications: Vec<crate::notify::NotificationConfig>,
     /// Metrics and health endpoints on a separate plain-HTTP listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<AdminConfig>,
@@ -616,6 +619,11 @@ impl Config {
         if let Some(cache) = &mut self.cache {
             abs(&mut cache.dir);
         }
+        for n in &mut self.notifications {
+            if let Some(ca) = &mut n.ca_certificate {
+                abs(ca);
+            }
+        }
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -694,6 +702,17 @@ impl Config {
                     "immutable",
                     format!("[[immutable]] {}: {problem}", i + 1),
                 ));
+            }
+        }
+        for (i, n) in self.notifications.iter().enumerate() {
+            if let Some(problem) = n.problem() {
+                return Err(invalid(
+                    "notifications",
+                    format!("[[notifications]] {}: {problem}", i + 1),
+                ));
+            }
+            if let Some(ca) = &n.ca_certificate {
+                readable("notifications.ca_certificate", ca)?;
             }
         }
         if self
@@ -850,6 +869,11 @@ impl Config {
             && up.password.is_some()
         {
             up.password = Some("********".into());
+        }
+        for n in &mut shown.notifications {
+            for value in n.headers.values_mut() {
+                *value = "********".into();
+            }
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
     }

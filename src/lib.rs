@@ -30,6 +30,8 @@
 //!
 //! lifecycle `ls`, `rm`, `prune` over the local store or a registry's API (one
 //!          interface); `[[retention]]`; `[[immutable]]` checked by the gate
+//! notify   `[[notifications]]`: push/delete/pull events POSTed to webhooks in
+//!          distribution's envelope, one bounded queue and worker per endpoint
 //! admin    plain-HTTP listener: /metrics (metrics), /healthz, /readyz
 //! body     the response/request body type and the byte counting used by the log
 //! users    `registry-gate user add|del|list`: edits htpasswd and group files atomically
@@ -49,6 +51,7 @@ pub mod io;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod proxy;
 pub mod registry;
 pub mod route;

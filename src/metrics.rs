@@ -35,6 +35,12 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// A `[[notifications]]` endpoint, by its name (from the configuration, so a fixed set).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: String,
+}
+
 /// Every metric the gate keeps.
 pub struct Metrics {
     registry: Registry,
@@ -54,6 +60,10 @@ pub struct Metrics {
     pub cache_evictions: Counter,
     pub cache_corrupt: Counter,
     pub cache_bytes: Gauge<i64, AtomicI64>,
+    pub notifications_sent: Family<EndpointLabels, Counter>,
+    pub notifications_failures: Family<EndpointLabels, Counter>,
+    pub notifications_dropped: Family<EndpointLabels, Counter>,
+    pub notifications_pending: Family<EndpointLabels, Gauge<i64, AtomicI64>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -167,7 +177,35 @@ impl Metrics {
             "Front cache: bytes on disk",
             cache_bytes.clone(),
         );
+        let notifications_sent = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "notifications_sent",
+            "Webhook events delivered (the listener answered 2xx or 3xx)",
+            notifications_sent.clone(),
+        );
+        let notifications_failures = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "notifications_failures",
+            "Webhook delivery attempts that failed (retried with back-off)",
+            notifications_failures.clone(),
+        );
+        let notifications_dropped = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "notifications_dropped",
+            "Webhook events dropped because the endpoint's queue was full",
+            notifications_dropped.clone(),
+        );
+        let notifications_pending = Family::<EndpointLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "notifications_pending",
+            "Webhook events queued or being delivered",
+            notifications_pending.clone(),
+        );
         Metrics {
+            notifications_sent,
+            notifications_failures,
+            notifications_dropped,
+            notifications_pending,
             cache_hits,
             cache_misses,
             cache_served_bytes,

@@ -110,6 +110,15 @@ pub async fn serve_with(
         Some(a) => Some(Arc::new(Authenticator::load(a)?)),
         None => None,
     };
+    let notifier = if config.notifications.is_empty() {
+        None
+    } else {
+        let port = listener.local_addr().map_or(0, |a| a.port());
+        Some(
+            crate::notify::Notifier::start(&config.notifications, port, metrics.clone())
+                .map_err(ServeError::Backend)?,
+        )
+    };
     let mut background = Vec::new();
     let backend: Arc<dyn Backend> = match (&config.upstream, &config.storage) {
         (Some(up), _) => {
@@ -152,6 +161,7 @@ pub async fn serve_with(
                     Duration::from_secs(storage.prune_interval_secs),
                     Arc::new(config.lifecycle()),
                     Duration::from_secs(storage.gc_grace_secs),
+                    notifier.clone(),
                 ));
             }
             registry
@@ -256,7 +266,8 @@ pub async fn serve_with(
         .as_deref()
         .map(|u| u.trim_end_matches('/').to_owned());
     let gate = Gate::new(backend, auth, policy, public_url, tokens, metrics.clone())
-        .with_lifecycle(Arc::new(config.lifecycle()));
+        .with_lifecycle(Arc::new(config.lifecycle()))
+        .with_notifier(notifier.clone());
 
     let mut http = auto::Builder::new(TokioExecutor::new());
     http.http1()
@@ -344,11 +355,20 @@ pub async fn serve_with(
         open = graceful.count(),
         "shutting down; draining connections"
     );
+    let draining = std::time::Instant::now();
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!("shutdown deadline passed; closing remaining connections");
+    }
+    // What was queued for webhooks goes out before the process ends: the rest of the
+    // grace period, and never less than 5 s.
+    if let Some(notifier) = &notifier {
+        let left = grace
+            .saturating_sub(draining.elapsed())
+            .max(Duration::from_secs(5));
+        notifier.drain(left).await;
     }
     hup_task.abort();
     for r in reloaders.into_iter().chain(background) {

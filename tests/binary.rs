@@ -105,6 +105,15 @@ async fn the_binary_serves_and_exits_0_on_sigterm_after_draining() {
     )
     .await;
     pull_and_verify(&client, "binary/app", "v1", &image).await;
+    let deleted = pusher
+        .request(
+            "DELETE",
+            &format!("/v2/binary/app/manifests/{}", image.manifest_digest),
+            &[],
+            empty(),
+        )
+        .await;
+    assert_eq!(deleted.status.as_u16(), 202, "{}", deleted.text());
 
     // A download in flight when SIGTERM arrives.
     let blob = pseudo_random_bytes(8 * 1024 * 1024 + 1, 3);
@@ -155,6 +164,27 @@ async fn the_binary_serves_and_exits_0_on_sigterm_after_draining() {
     assert!(
         output.contains("binary/app"),
         "the binary should log its requests:\n{output}"
+    );
+    // The audit lines: who did what to which digest, from where.
+    let audit = |words: &str| {
+        output.lines().any(|l| {
+            l.contains("registry_gate::audit")
+                && l.contains(words)
+                && l.contains(&format!("user={}", PUSHER.0))
+                && l.contains(&image.manifest_digest)
+                && l.contains("peer=127.0.0.1:")
+        })
+    };
+    assert!(
+        audit("push manifest binary/app:v1"),
+        "an audit line for the push:\n{output}"
+    );
+    assert!(
+        audit(&format!(
+            "delete manifest binary/app@{}",
+            image.manifest_digest
+        )),
+        "an audit line for the delete:\n{output}"
     );
     let encoded =
         base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", PUSHER.0, PUSHER.1));

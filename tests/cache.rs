@@ -13,8 +13,9 @@ use common::client::{Client, empty};
 use common::gate::{Gate, GateOptions};
 use common::image::{UploadMode, push_image, upload_blob};
 use common::upstream::free_loopback_port;
-use common::{Stack, StackOptions, eventually, pseudo_random_bytes, sha256_digest};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::{
+    Stack, StackOptions, eventually, metric, metrics, pseudo_random_bytes, sha256_digest,
+};
 
 fn cache_tables(dir: &Path, max: &str, confirm_secs: u64, admin: std::net::SocketAddr) -> String {
     format!(
@@ -52,22 +53,6 @@ fn upstream_count(stack: &Stack, method: &str, path: &str) -> usize {
         .access_log()
         .matches(&format!("\"{method} {path} HTTP/1.1\""))
         .count()
-}
-
-async fn metrics(admin: std::net::SocketAddr) -> String {
-    let mut tcp = tokio::net::TcpStream::connect(admin).await.expect("admin");
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut out = Vec::new();
-    tcp.read_to_end(&mut out).await.expect("read");
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0)
 }
 
 /// `registry-gate cache ACTION --config CONFIG`, which must succeed; its stdout.

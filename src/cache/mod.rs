@@ -338,7 +338,7 @@ impl CachingProxy {
             return resp;
         };
         self.confirm(repo, &d);
-        let small = content_length(resp.headers()).is_some_and(|n| n <= MAX_MANIFEST);
+        let small = crate::body::content_length(resp.headers()).is_some_and(|n| n <= MAX_MANIFEST);
         if head || !small || !d.starts_with("sha256:") {
             return resp;
         }
@@ -458,7 +458,10 @@ impl CachingProxy {
             if self.confirmed_now(&req, &ctx, repo, d).await
                 && let Some(resp) = follow(&fill, d.as_str()).await
             {
-                self.hit(Kind::Blob, content_length(resp.headers()).unwrap_or(0));
+                self.hit(
+                    Kind::Blob,
+                    crate::body::content_length(resp.headers()).unwrap_or(0),
+                );
                 return resp;
             }
             self.miss(Kind::Blob);
@@ -514,7 +517,7 @@ impl CachingProxy {
         progress: watch::Sender<Progress>,
         resp: Response<Body>,
     ) -> Response<Body> {
-        let size = content_length(resp.headers());
+        let size = crate::body::content_length(resp.headers());
         let Some(size) = size.filter(|_| resp.status() == StatusCode::OK) else {
             progress.send_modify(|p| p.done = Some(false));
             lock(&self.fills).remove(d);
@@ -540,13 +543,6 @@ impl CachingProxy {
             }),
         )
     }
-}
-
-/// The announced body length.
-fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
 }
 
 fn digest_header(h: &HeaderMap) -> Option<String> {

@@ -13,12 +13,14 @@
 //! 4. immutable tags (`[[immutable]]`): a push that would move one, or a delete that
 //!    would remove one, is refused here, for either backend;
 //! 5. the backend, with the body streaming through (the catalog is filtered when rules
-//!    can hide repositories);
+//!    can hide repositories); what it accepted gets an audit line and webhook events
+//!    (`events`);
 //! 6. `Docker-Distribution-Api-Version` set exactly once, `X-Request-Id`, and the
 //!    access log line when the response body has been sent.
 
 mod access;
 mod catalog;
+mod events;
 mod page;
 mod token_endpoint;
 
@@ -70,6 +72,8 @@ pub struct Gate {
     metrics: Arc<Metrics>,
     /// `[[immutable]]` (and the retention rules, unused here).
     lifecycle: Arc<Lifecycle>,
+    /// `[[notifications]]`, when configured.
+    notifier: Option<Arc<crate::notify::Notifier>>,
 }
 
 /// What the gate knows of where the client thinks it is.
@@ -99,7 +103,14 @@ impl Gate {
             tokens,
             metrics,
             lifecycle: Arc::new(Lifecycle::default()),
+            notifier: None,
         }
+    }
+
+    /// Send webhook events through this notifier.
+    pub fn with_notifier(mut self, notifier: Option<Arc<crate::notify::Notifier>>) -> Self {
+        self.notifier = notifier;
+        self
     }
 
     /// Enforce these immutable tags.
@@ -133,20 +144,20 @@ impl Gate {
                 let family = ctx.route.family();
                 let filter = matches!(ctx.route, Route::Catalog) && self.policy.restricts_pull();
                 let caller_identity = filter.then(|| ctx.identity.clone());
+                let pending = events::Pending::capture(&req, &ctx, self.notifier.as_deref());
                 let req = req.map(|b| body::boxed(Counted::new(b, bytes_in.clone(), None)));
                 let checked = if self.lifecycle.immutable.is_empty() {
                     Ok(req)
                 } else {
                     immutable::check(&self.lifecycle, self.backend.as_ref(), req, &ctx).await
                 };
-                let write = matches!(log.method, http::Method::PUT | http::Method::DELETE)
-                    .then(|| (ctx.route.clone(), ctx.peer, ctx.id.clone(), user.clone()));
                 let resp = match checked {
                     Ok(req) => self.backend.handle(req, *ctx).await,
                     Err(refused) => refused,
                 };
-                if let Some((route, peer, id, user)) = write {
-                    audit_write(&log.method, &route, &resp, peer, &id, &user);
+                if let Some(pending) = pending {
+                    let read = bytes_in.load(std::sync::atomic::Ordering::Relaxed);
+                    pending.answered(&resp, read, self.notifier.as_deref());
                 }
                 let resp = match caller_identity {
                     Some(identity) => match catalog::read(resp).await {
@@ -657,44 +668,6 @@ fn has_body<B>(req: &Request<B>) -> bool {
             .headers()
             .get(header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() != b"0")
-}
-
-/// The audit line of a push or delete that the backend accepted (target
-/// `registry_gate::audit`): who, what, the digest, from where.
-fn audit_write(
-    method: &http::Method,
-    route: &Route,
-    resp: &Response<body::Body>,
-    peer: SocketAddr,
-    id: &str,
-    user: &str,
-) {
-    let digest = resp
-        .headers()
-        .get("docker-content-digest")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-");
-    let (action, what) = match (method, route, resp.status()) {
-        (&http::Method::PUT, Route::Manifest(repo, r), StatusCode::CREATED) => {
-            ("push", format!("manifest {repo}:{r}"))
-        }
-        (&http::Method::DELETE, Route::Manifest(repo, r), StatusCode::ACCEPTED) => {
-            ("delete", format!("manifest {repo}:{r}"))
-        }
-        (&http::Method::DELETE, Route::Blob(repo, d), StatusCode::ACCEPTED) => {
-            ("delete", format!("blob {repo}@{d}"))
-        }
-        _ => return,
-    };
-    tracing::info!(
-        target: "registry_gate::audit",
-        id,
-        action,
-        user,
-        peer = %peer,
-        digest,
-        "{action} {what}"
-    );
 }
 
 #[cfg(test)]

@@ -505,6 +505,7 @@ pub async fn scheduled(
     deletes: bool,
     life: Arc<Lifecycle>,
     grace: Duration,
+    notifier: Option<&crate::notify::Notifier>,
 ) {
     let view = LocalView {
         what: store.storage().describe(),
@@ -521,16 +522,59 @@ pub async fn scheduled(
         now: SystemTime::now(),
     };
     match ops::prune(&view, &life, &actor, options).await {
-        Ok(r) => tracing::info!(
-            tags = r.tags_removed.len(),
-            manifests = r.manifests_removed.len(),
-            errors = r.errors.len(),
-            "scheduled prune: {}",
-            describe_prune(&r, false, options.now)
-                .lines()
-                .last()
-                .unwrap_or("")
-        ),
+        Ok(r) => {
+            if let Some(n) = notifier {
+                prune_events(n, &r);
+            }
+            tracing::info!(
+                tags = r.tags_removed.len(),
+                manifests = r.manifests_removed.len(),
+                errors = r.errors.len(),
+                "scheduled prune: {}",
+                describe_prune(&r, false, options.now)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            )
+        }
         Err(e) => tracing::error!("scheduled prune failed: {e}"),
+    }
+}
+
+/// The delete events of a scheduled prune: one per tag and per manifest it removed.
+fn prune_events(notifier: &crate::notify::Notifier, r: &ops::PruneReport) {
+    use crate::notify::{Action, ActorRecord, Target, internal_request};
+    if !notifier.wants(Action::Delete) {
+        return;
+    }
+    let actor = || ActorRecord {
+        name: "prune".into(),
+    };
+    for (repo, tag, digest, _) in &r.tags_removed {
+        let target = Target {
+            digest: digest.to_string(),
+            repository: repo.clone(),
+            tag: tag.clone(),
+            ..Target::default()
+        };
+        notifier.publish(
+            Action::Delete,
+            target,
+            internal_request("registry-gate prune"),
+            actor(),
+        );
+    }
+    for (repo, digest) in &r.manifests_removed {
+        let target = Target {
+            digest: digest.to_string(),
+            repository: repo.clone(),
+            ..Target::default()
+        };
+        notifier.publish(
+            Action::Delete,
+            target,
+            internal_request("registry-gate prune"),
+            actor(),
+        );
     }
 }

@@ -201,15 +201,18 @@ impl Registry {
         every: Duration,
         life: Arc<crate::lifecycle::rules::Lifecycle>,
         grace: Duration,
+        notifier: Option<Arc<crate::notify::Notifier>>,
     ) -> tokio::task::JoinHandle<()> {
         self.spawn_every(every, every, move |registry| {
             let life = life.clone();
+            let notifier = notifier.clone();
             async move {
                 crate::lifecycle::cli::scheduled(
                     registry.store.clone(),
                     registry.delete_enabled,
                     life,
                     grace,
+                    notifier.as_deref(),
                 )
                 .await;
             }

@@ -285,3 +285,22 @@ pub fn replace_file(path: &Path, contents: &[u8]) {
     std::fs::write(&tmp, contents).expect("write replacement file");
     std::fs::rename(&tmp, path).expect("rename replacement file into place");
 }
+
+/// The admin listener's `/metrics` text (a plain HTTP/1.1 request).
+pub async fn metrics(admin: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(admin).await.expect("admin");
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    tcp.read_to_end(&mut out).await.expect("read");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The value of one series (`name{labels}`) in a metrics text; 0 when absent.
+pub fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
