@@ -66,3 +66,97 @@ async fn head_answers_have_no_body_in_front() {
         .expect("join");
     stack.gate.stop().await;
 }
+
+/// `curl -X METHOD` with a 1 KiB body over `version`; (exit code, status, output).
+fn curl_write(
+    version: &str,
+    ca: &std::path::Path,
+    method: &str,
+    url: &str,
+    user: Option<&str>,
+) -> (i32, String, String) {
+    let body = std::env::temp_dir().join(format!("rg-h2-body-{}", std::process::id()));
+    std::fs::write(&body, vec![b'{'; 1024]).expect("write body");
+    let mut cmd = command("curl", "curl");
+    cmd.args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        version,
+        "-X",
+        method,
+    ])
+    .args([
+        "-H",
+        "Content-Type: application/vnd.oci.image.manifest.v1+json",
+    ])
+    .arg("--data-binary")
+    .arg(format!("@{}", body.display()))
+    .arg("--cacert")
+    .arg(ca);
+    if let Some(user) = user {
+        cmd.args(["-u", user]);
+    }
+    let out = cmd.arg(url).output().expect("run curl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Refused writes that carry a small body get their answer over both protocols.
+fn check_refused_writes(base: &str, ca: &std::path::Path) {
+    let viewer = format!("{}:{}", common::VIEWER.0, common::VIEWER.1);
+    let cases = [
+        ("PUT", format!("{base}/v2/h2/app/manifests/t"), None, "401"),
+        (
+            "PUT",
+            format!("{base}/v2/h2/app/manifests/t"),
+            Some(viewer.as_str()),
+            "403",
+        ),
+        ("PUT", format!("{base}/v2/no/such/endpoint/x"), None, "404"),
+        ("PUT", format!("{base}/v2/"), None, "401"),
+        (
+            "OPTIONS",
+            format!("{base}/v2/h2/app/manifests/t"),
+            None,
+            "405",
+        ),
+    ];
+    for (method, url, user, want) in &cases {
+        for version in ["--http2", "--http1.1"] {
+            let (code, status, err) = curl_write(version, ca, method, url, *user);
+            assert_eq!(
+                (code, status.as_str()),
+                (0, *want),
+                "curl {version} -X {method} {url} (user {user:?}): {err}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_writes_with_a_body_are_answered_built_in() {
+    let aio = AllInOne::start().await;
+    let base = aio.gate.base_url();
+    let ca = aio.ca.cert.clone();
+    tokio::task::spawn_blocking(move || check_refused_writes(&base, &ca))
+        .await
+        .expect("join");
+    aio.gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_writes_with_a_body_are_answered_in_front() {
+    let stack = Stack::start().await;
+    let base = stack.gate.base_url();
+    let ca = stack.ca.cert.clone();
+    tokio::task::spawn_blocking(move || check_refused_writes(&base, &ca))
+        .await
+        .expect("join");
+    stack.gate.stop().await;
+}

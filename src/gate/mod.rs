@@ -138,8 +138,14 @@ impl Gate {
             bytes_out: Arc::new(AtomicU64::new(0)),
             started,
         };
-        let (resp, user, family) = match self.admit(req, peer, &id).await {
+        // The decision needs only the head; the body is kept apart, to be handed on
+        // or, for a refusal, read and dropped (`drain_refused`).
+        let (parts, req_body) = req.into_parts();
+        let head = Request::from_parts(parts, ());
+        let small_h2_body = drainable(&head);
+        let (resp, user, family) = match self.admit(head, peer, &id).await {
             Ok(Admitted::Backend(req, ctx)) => {
+                let req = req.map(|()| req_body);
                 let user = ctx.identity.log_name().to_owned();
                 let family = ctx.route.family();
                 let filter = matches!(ctx.route, Route::Catalog) && self.policy.restricts_pull();
@@ -171,6 +177,7 @@ impl Gate {
                 (resp, user, family)
             }
             Ok(Admitted::Token(req, origin)) => {
+                let req = req.map(|()| req_body);
                 let (resp, user) = token_endpoint::serve(self, req, peer, &origin).await;
                 (resp, user, "token")
             }
@@ -180,7 +187,12 @@ impl Gate {
                 "page",
             ),
             // Refusals are the rare path: route the path again for the metric.
-            Err(rejection) => (rejection.response, rejection.user, self.family(&log.path)),
+            Err(rejection) => {
+                if small_h2_body {
+                    drain_refused(req_body).await;
+                }
+                (rejection.response, rejection.user, self.family(&log.path))
+            }
         };
         // A HEAD answer never has a body (an HTTP/2 client resets a stream that
         // carries one); its Content-Length stays what a GET would be sent.
@@ -223,7 +235,7 @@ impl Gate {
     /// Steps 1–3: decide whether the request may reach the backend.
     async fn admit(
         &self,
-        req: Request<Incoming>,
+        req: Request<()>,
         peer: SocketAddr,
         id: &str,
     ) -> Result<Admitted, Rejection> {
@@ -318,7 +330,7 @@ impl Gate {
     /// Step 2: who is calling. Wrong credentials of any kind end the request here.
     async fn identify(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<()>,
         peer: SocketAddr,
         origin: &Origin,
         repo: Option<&RepoName>,
@@ -444,12 +456,7 @@ impl Gate {
     /// A cross-repository mount (`POST …/uploads/?mount=D&from=R`) reads from `R`: when
     /// the caller may not pull `R`, the mount parameters are dropped and the request
     /// becomes a plain upload, as the spec allows.
-    fn check_mount(
-        &self,
-        req: Request<Incoming>,
-        identity: &Identity,
-        route: &Route,
-    ) -> Request<Incoming> {
+    fn check_mount<B>(&self, req: Request<B>, identity: &Identity, route: &Route) -> Request<B> {
         if !matches!(route, Route::UploadStart(_)) {
             return req;
         }
@@ -569,9 +576,9 @@ impl Gate {
 }
 
 enum Admitted {
-    Backend(Request<Incoming>, Box<RequestContext>),
-    Token(Request<Incoming>, Origin),
-    Page(Request<Incoming>, Origin),
+    Backend(Request<()>, Box<RequestContext>),
+    Token(Request<()>, Origin),
+    Page(Request<()>, Origin),
 }
 
 struct Rejection {
@@ -659,6 +666,38 @@ fn close_if(close: bool, mut resp: Response<Body>) -> Response<Body> {
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
+}
+
+/// Bodies up to this size (a manifest's limit) are read and dropped when their
+/// request is refused over HTTP/2; larger ones are refused at once.
+const DRAIN_LIMIT: u64 = crate::registry::manifests::MAX_MANIFEST_BYTES as u64;
+/// How long reading a refused body may take.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// An HTTP/2 request announcing a small body: if it is refused, the body is read
+/// first. Answering and resetting the stream while the client still sends makes curl
+/// (7.88) drop the answer ("Stream error in the HTTP/2 framing layer").
+fn drainable<B>(req: &Request<B>) -> bool {
+    req.version() >= Version::HTTP_2
+        && has_body(req)
+        && crate::body::content_length(req.headers()).is_some_and(|n| n <= DRAIN_LIMIT)
+}
+
+/// Read and drop a refused request's body, bounded in bytes and time.
+async fn drain_refused(mut body: Incoming) {
+    use http_body_util::BodyExt as _;
+    let read = async {
+        let mut total = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(data) = frame.data_ref() {
+                total += data.len() as u64;
+                if total > DRAIN_LIMIT {
+                    return;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, read).await;
 }
 
 /// Whether the request announces a body (chunked, or a non-zero Content-Length).

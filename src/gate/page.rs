@@ -96,7 +96,7 @@ async fn fetch(
 
 pub(super) async fn serve(
     gate: &Gate,
-    req: &Request<hyper::body::Incoming>,
+    req: &Request<()>,
     peer: SocketAddr,
     origin: &Origin,
 ) -> Response<Body> {
