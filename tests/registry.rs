@@ -3220,6 +3220,27 @@ async fn gc_dry_run_reports_and_gc_removes_only_unreferenced_content(backend: Ba
         )),
         "{dry}"
     );
+    // With the default grace period the fresh orphan stays, and the report says why.
+    let graced = tokio::task::block_in_place(|| {
+        std::process::Command::new(common::registry::BINARY)
+            .args(["gc", "--dry-run", "--config"])
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run registry-gate gc")
+    });
+    let graced = String::from_utf8_lossy(&graced.stdout);
+    assert!(
+        graced.contains(&format!(
+            "1 blobs ({:.1} MiB) unreferenced but younger than the grace period (3600 s), kept",
+            orphan.len() as f64 / (1024.0 * 1024.0)
+        )),
+        "{graced}"
+    );
+    assert!(
+        graced.contains("would remove 0 manifests and 0 blobs"),
+        "{graced}"
+    );
     let dry_all =
         tokio::task::block_in_place(|| run_gc(&config, &["--dry-run", "--delete-untagged"]));
     assert!(
