@@ -162,7 +162,28 @@ enum UserCommand {
         #[command(flatten)]
         files: UserFiles,
     },
-    /// List users and their groups.
+    /// Set a new password for an existing user (bcrypt); its groups stay.
+    Passwd {
+        name: String,
+        /// bcrypt cost (4–31).
+        #[arg(long, default_value_t = 10)]
+        cost: u32,
+        #[command(flatten)]
+        files: UserFiles,
+    },
+    /// Change a user's groups; the password stays.
+    Groups {
+        name: String,
+        /// Add the user to this group (repeatable), e.g. `--add pusher`.
+        #[arg(long = "add", value_name = "GROUP")]
+        add: Vec<String>,
+        /// Remove the user from this group (repeatable).
+        #[arg(long = "remove", value_name = "GROUP")]
+        remove: Vec<String>,
+        #[command(flatten)]
+        files: UserFiles,
+    },
+    /// List users, their password hash type and their groups.
     List {
         #[command(flatten)]
         files: UserFiles,
@@ -348,12 +369,57 @@ fn user_command(action: UserCommand) -> Result<(), String> {
             eprintln!("user {name} removed");
             Ok(())
         }
+        UserCommand::Passwd { name, cost, files } => {
+            let (htpasswd, _) = user_files(&files)?;
+            let password = users::read_password(true).map_err(|e| e.to_string())?;
+            users::set_password(&htpasswd, &name, &password, cost).map_err(|e| e.to_string())?;
+            eprintln!("password of {name} changed in {}", htpasswd.display());
+            Ok(())
+        }
+        UserCommand::Groups {
+            name,
+            add,
+            remove,
+            files,
+        } => {
+            if add.is_empty() && remove.is_empty() {
+                return Err("say what to change: --add GROUP and/or --remove GROUP".into());
+            }
+            let (htpasswd, group_file) = user_files(&files)?;
+            users::set_groups(&htpasswd, &group_file, &name, &add, &remove)
+                .map_err(|e| e.to_string())?;
+            let listed = users::list_users(&htpasswd, &group_file).map_err(|e| e.to_string())?;
+            let now = listed
+                .iter()
+                .find(|u| u.name == name)
+                .map(|u| u.groups.join(","))
+                .unwrap_or_default();
+            eprintln!(
+                "{name} is now in: {}",
+                if now.is_empty() { "-" } else { &now }
+            );
+            Ok(())
+        }
         UserCommand::List { files } => {
             let (htpasswd, group_file) = user_files(&files)?;
-            for (user, groups) in
-                users::list_users(&htpasswd, &group_file).map_err(|e| e.to_string())?
+            let listed = users::list_users(&htpasswd, &group_file).map_err(|e| e.to_string())?;
+            for user in &listed {
+                let scheme = user.scheme.map_or("?".to_owned(), |s| s.to_string());
+                println!("{}\t{scheme}\t{}", user.name, user.groups.join(","));
+            }
+            for user in listed
+                .iter()
+                .filter(|u| u.scheme.is_some_and(|s| s.is_weak()))
             {
-                println!("{user}\t{}", groups.join(","));
+                let how = match user.scheme {
+                    Some(registry_gate::auth::htpasswd::Scheme::Sha1) => "unsalted {SHA}",
+                    _ => "MD5, cheap to guess",
+                };
+                eprintln!(
+                    "warning: {}'s password is {how}; set it again as bcrypt with \
+                     `registry-gate user passwd {}`",
+                    user.name, user.name
+                );
             }
             Ok(())
         }

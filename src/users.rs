@@ -1,4 +1,4 @@
-//! `registry-gate user add|del|list`: edits the htpasswd and group files in place.
+//! `registry-gate user add|del|passwd|groups|list`: edits the htpasswd and group files in place.
 //!
 //! Owns the editing only; the formats belong to `auth::htpasswd` and `auth::groups`,
 //! and the command line to `main.rs`. Each edit keeps every other line as it was
@@ -163,21 +163,113 @@ pub fn del_user(htpasswd: &Path, groups: &Path, name: &str) -> Result<(), UserEr
     Ok(())
 }
 
+/// Sets a new password for an existing user; its groups stay as they are.
+pub fn set_password(
+    htpasswd: &Path,
+    name: &str,
+    password: &str,
+    bcrypt_cost: u32,
+) -> Result<(), UserError> {
+    check_user_name(name)?;
+    check_new_password(password)?;
+    let text = read_optional(htpasswd)?.unwrap_or_default();
+    if !Htpasswd::parse(&text, htpasswd)?.contains(name) {
+        return Err(UserError::NoSuchUser {
+            path: htpasswd.to_owned(),
+            name: name.to_owned(),
+        });
+    }
+    let hash = htpasswd::hash_bcrypt(password, bcrypt_cost)?;
+    let mut lines = Lines::new(&text);
+    if let Some(index) = lines.position(|line| entry_user(line) == Some(name)) {
+        lines.set(index, format!("{name}:{hash}"));
+    }
+    write_atomic(htpasswd, &lines.to_text())
+}
+
+/// Adds an existing user to the groups in `add` and removes it from those in
+/// `remove`; the password stays. Other members and lines are kept as they were.
+pub fn set_groups(
+    htpasswd: &Path,
+    groups: &Path,
+    name: &str,
+    add: &[String],
+    remove: &[String],
+) -> Result<(), UserError> {
+    check_user_name(name)?;
+    for group in add.iter().chain(remove) {
+        check_group_name(group)?;
+    }
+    if !Htpasswd::load(htpasswd)?.contains(name) {
+        return Err(UserError::NoSuchUser {
+            path: htpasswd.to_owned(),
+            name: name.to_owned(),
+        });
+    }
+    let group_text = read_optional(groups)?.unwrap_or_default();
+    Groups::parse(&group_text, groups)?;
+    let mut lines = Lines::new(&group_text);
+    for index in 0..lines.len() {
+        let Some(Some((group, members))) = groups::split_group_line(lines.get(index)) else {
+            continue;
+        };
+        if !remove.iter().any(|r| r == group) {
+            continue;
+        }
+        let kept: Vec<&str> = members.split_whitespace().filter(|&m| m != name).collect();
+        let line = match kept.is_empty() {
+            true => format!("{group}:"),
+            false => format!("{group}: {}", kept.join(" ")),
+        };
+        lines.set(index, line);
+    }
+    let mut done = std::collections::BTreeSet::new();
+    for group in add {
+        if !done.insert(group) {
+            continue;
+        }
+        match lines.position(|line| group_name(line) == Some(group)) {
+            Some(index) => {
+                let member = groups::split_group_line(lines.get(index))
+                    .flatten()
+                    .is_some_and(|(_, m)| m.split_whitespace().any(|m| m == name));
+                if !member {
+                    let line = format!("{} {name}", lines.get(index).trim_end());
+                    lines.set(index, line);
+                }
+            }
+            None => lines.push(format!("{group}: {name}")),
+        }
+    }
+    write_atomic(groups, &lines.to_text())
+}
+
 /// What `user del` leaves in a password file when it removes the last user.
 pub const NO_USERS_COMMENT: &str = "# no users (registry-gate user del removed the last one)";
 
-/// Every user in the password file, sorted, with the groups it belongs to (sorted).
-/// A missing group file means no groups; a missing password file is an error.
-pub fn list_users(htpasswd: &Path, groups: &Path) -> Result<Vec<(String, Vec<String>)>, UserError> {
+/// One user as `user list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub name: String,
+    pub scheme: Option<htpasswd::Scheme>,
+    /// Sorted.
+    pub groups: Vec<String>,
+}
+
+/// Every user in the password file, sorted, with its hash type and the groups it
+/// belongs to. A missing group file means no groups; a missing password file is an
+/// error.
+pub fn list_users(htpasswd: &Path, groups: &Path) -> Result<Vec<Listed>, UserError> {
     let users = Htpasswd::load(htpasswd)?;
     let group_text = read_optional(groups)?;
     let groups = Groups::parse(group_text.as_deref().unwrap_or(""), groups)?;
     Ok(users
         .users()
         .into_iter()
-        .map(|user| {
-            let member_of = groups.groups_of(&user);
-            (user, member_of)
+        .map(|name| Listed {
+            scheme: users.scheme(&name),
+            groups: groups.groups_of(&name),
+            name,
         })
         .collect())
 }
@@ -484,6 +576,10 @@ impl Drop for TempFile {
 mod tests {
     use super::*;
 
+    fn pairs(listed: Vec<Listed>) -> Vec<(String, Vec<String>)> {
+        listed.into_iter().map(|u| (u.name, u.groups)).collect()
+    }
+
     const COST: u32 = 4;
     /// `htpasswd -nbm bob hunter2`
     const BOB: &str = "bob:$apr1$vTqeZwmb$1td8BuP18R92uwtMW3Ls.0";
@@ -569,12 +665,65 @@ mod tests {
     }
 
     #[test]
+    fn passwd_and_groups_change_one_thing_each() {
+        let f = files();
+        fs::write(
+            &f.htpasswd,
+            format!("{BOB}\nmark:{{SHA}}AAAAAAAAAAAAAAAAAAAAAAAAAAA=\n"),
+        )
+        .unwrap();
+        fs::write(&f.groups, "# teams\npusher: bob\nreaders: mark bob\n").unwrap();
+        let listed = list_users(&f.htpasswd, &f.groups).unwrap();
+        assert_eq!(listed[1].name, "mark");
+        assert_eq!(listed[1].scheme, Some(htpasswd::Scheme::Sha1));
+        // groups: the password line stays byte for byte.
+        let before = f.read(&f.htpasswd);
+        let s = |v: &[&str]| v.iter().map(|g| (*g).to_owned()).collect::<Vec<_>>();
+        set_groups(
+            &f.htpasswd,
+            &f.groups,
+            "mark",
+            &s(&["pusher", "ops"]),
+            &s(&["readers"]),
+        )
+        .unwrap();
+        assert_eq!(f.read(&f.htpasswd), before);
+        assert_eq!(
+            f.read(&f.groups),
+            "# teams\npusher: bob mark\nreaders: bob\nops: mark\n"
+        );
+        // Adding again changes nothing; an unknown user is refused.
+        set_groups(&f.htpasswd, &f.groups, "mark", &s(&["pusher"]), &[]).unwrap();
+        assert_eq!(
+            f.read(&f.groups),
+            "# teams\npusher: bob mark\nreaders: bob\nops: mark\n"
+        );
+        assert!(matches!(
+            set_groups(&f.htpasswd, &f.groups, "nobody", &s(&["pusher"]), &[]),
+            Err(UserError::NoSuchUser { .. })
+        ));
+        // passwd: bcrypt now, groups untouched, other users untouched.
+        let groups_before = f.read(&f.groups);
+        set_password(&f.htpasswd, "mark", "new one", 4).unwrap();
+        assert_eq!(f.read(&f.groups), groups_before);
+        let users = f.users();
+        assert!(users.verify("mark", b"new one"));
+        assert_eq!(users.scheme("mark"), Some(htpasswd::Scheme::Bcrypt));
+        assert!(f.read(&f.htpasswd).starts_with(&format!("{BOB}\n")));
+        assert!(matches!(
+            set_password(&f.htpasswd, "nobody", "pw", 4),
+            Err(UserError::NoSuchUser { .. })
+        ));
+        f.assert_clean();
+    }
+
+    #[test]
     fn add_without_groups_still_creates_an_empty_group_file() {
         let f = files();
         f.add("mark", "pw", &[]).unwrap();
         assert_eq!(f.read(&f.groups), "");
         assert_eq!(
-            list_users(&f.htpasswd, &f.groups).unwrap(),
+            pairs(list_users(&f.htpasswd, &f.groups).unwrap()),
             [("mark".into(), vec![])]
         );
     }
@@ -672,12 +821,12 @@ mod tests {
         let f = files();
         fs::write(&f.htpasswd, format!("{CAROL}\n{BOB}\n")).unwrap();
         assert_eq!(
-            list_users(&f.htpasswd, &f.groups).unwrap(),
+            pairs(list_users(&f.htpasswd, &f.groups).unwrap()),
             [("bob".into(), vec![]), ("carol".into(), vec![])]
         );
         fs::write(&f.groups, "z: bob\npusher: bob carol\n").unwrap();
         assert_eq!(
-            list_users(&f.htpasswd, &f.groups).unwrap(),
+            pairs(list_users(&f.htpasswd, &f.groups).unwrap()),
             [
                 (
                     "bob".to_string(),

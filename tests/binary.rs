@@ -165,6 +165,17 @@ async fn the_binary_serves_and_exits_0_on_sigterm_after_draining() {
         output.contains("binary/app"),
         "the binary should log its requests:\n{output}"
     );
+    // At start: who is there and who may push; a warning for the MD5 entry.
+    assert!(
+        output.contains("2 user(s) loaded; 1 may push (pusher: mark)"),
+        "the start-up summary:\n{output}"
+    );
+    assert!(
+        output.lines().any(|l| l.contains("WARN")
+            && l.contains("vera's password is stored as Apache MD5 ($apr1$)")
+            && l.contains("registry-gate user passwd vera")),
+        "a warning for the MD5 entry:\n{output}"
+    );
     // The audit lines: who did what to which digest, from where.
     let audit = |words: &str| {
         output.lines().any(|l| {

@@ -149,6 +149,43 @@ pub struct Accounts {
 }
 
 impl Accounts {
+    /// One line at start: the users and who may push; warnings for an empty push
+    /// group and for weak password hashes.
+    pub fn describe(&self, push_group: &str) {
+        let users = self.htpasswd.users();
+        let pushers: Vec<String> = self
+            .groups
+            .members(push_group)
+            .into_iter()
+            .filter(|u| self.htpasswd.contains(u))
+            .collect();
+        tracing::info!(
+            users = users.len(),
+            push_group,
+            pushers = %pushers.join(","),
+            "{} user(s) loaded; {} may push ({push_group}: {})",
+            users.len(),
+            pushers.len(),
+            if pushers.is_empty() { "-".to_owned() } else { pushers.join(" ") }
+        );
+        if pushers.is_empty() {
+            tracing::warn!(
+                "nobody can push: no user of the password file is in group {push_group:?} \
+                 (add one with `registry-gate user groups NAME --add {push_group}`)"
+            );
+        }
+        for user in users {
+            if let Some(scheme) = self.htpasswd.scheme(&user).filter(|s| s.is_weak()) {
+                tracing::warn!(
+                    user = %user,
+                    "user {user}'s password is stored as {scheme}, which is {}; set it \
+                     again as bcrypt with `registry-gate user passwd {user}`",
+                    if scheme == htpasswd::Scheme::Sha1 { "unsalted" } else { "cheap to guess (MD5)" }
+                );
+            }
+        }
+    }
+
     fn load(htpasswd: &std::path::Path, groups: &std::path::Path) -> Result<Self, LoadError> {
         Ok(Accounts {
             htpasswd: Htpasswd::load(htpasswd)?,
@@ -195,6 +232,7 @@ impl Authenticator {
     /// Load both files; an error names the file and line.
     pub fn load(config: &AuthConfig) -> Result<Self, LoadError> {
         let accounts = Accounts::load(&config.htpasswd, &config.groups)?;
+        accounts.describe(&config.push_group);
         let slots = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
         Ok(Authenticator {
             htpasswd_path: config.htpasswd.clone(),
