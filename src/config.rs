@@ -157,9 +157,14 @@ pub struct UpstreamConfig {
     pub password: Option<String>,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
-    /// How long to wait for the upstream's response headers.
+    /// How long to wait for the upstream's response headers to an upload (whose
+    /// answer comes after the whole body) or a blob download.
     #[serde(default = "default_response_timeout")]
     pub response_timeout_secs: u64,
+    /// The same for everything else (manifests, HEADs, tags, `/v2/`): an upstream
+    /// that took the connection and hangs gets a 504 this soon.
+    #[serde(default = "default_upstream_header_timeout")]
+    pub header_timeout_secs: u64,
     /// Idle pooled connections are closed after this long.
     #[serde(default = "default_pool_idle")]
     pub pool_idle_secs: u64,
@@ -375,6 +380,9 @@ fn default_token_expiry() -> u64 {
 }
 fn default_connect_timeout() -> u64 {
     5
+}
+fn default_upstream_header_timeout() -> u64 {
+    30
 }
 fn default_response_timeout() -> u64 {
     300
@@ -760,7 +768,10 @@ impl Config {
                     "may not contain ':' or control characters".into(),
                 ));
             }
-            if upstream.connect_timeout_secs == 0 || upstream.response_timeout_secs == 0 {
+            if upstream.connect_timeout_secs == 0
+                || upstream.response_timeout_secs == 0
+                || upstream.header_timeout_secs == 0
+            {
                 return Err(invalid(
                     "upstream",
                     "timeouts must be at least 1 second".into(),

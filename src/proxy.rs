@@ -84,6 +84,8 @@ pub struct Proxy {
     origin: String,
     credentials: Option<HeaderValue>,
     response_timeout: Duration,
+    /// For requests whose answer should come at once (not uploads or blob GETs).
+    header_timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -121,6 +123,7 @@ impl Proxy {
             origin,
             credentials,
             response_timeout: Duration::from_secs(config.response_timeout_secs),
+            header_timeout: Duration::from_secs(config.header_timeout_secs),
             metrics,
         })
     }
@@ -192,8 +195,17 @@ impl Proxy {
             Ok(r) => r,
             Err(e) => return e.into_response(),
         };
-        let sent =
-            tokio::time::timeout(self.response_timeout, self.client.request(upstream_req)).await;
+        // An upload is answered after its whole body; a blob may take the upstream a
+        // while to start sending. Everything else should be answered at once.
+        let (limit, key) = match ctx.route {
+            crate::route::Route::UploadStart(_)
+            | crate::route::Route::Upload(..)
+            | crate::route::Route::Blob(..) => {
+                (self.response_timeout, "upstream.response_timeout_secs")
+            }
+            _ => (self.header_timeout, "upstream.header_timeout_secs"),
+        };
+        let sent = tokio::time::timeout(limit, self.client.request(upstream_req)).await;
         let resp = match sent {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
@@ -224,9 +236,9 @@ impl Proxy {
                 return OciError::new(
                     ErrorCode::Unavailable,
                     format!(
-                        "upstream registry {} did not answer within {} s",
+                        "upstream registry {} did not answer within {} s ({key})",
                         self.origin,
-                        self.response_timeout.as_secs()
+                        limit.as_secs()
                     ),
                 )
                 .with_status(StatusCode::GATEWAY_TIMEOUT)
@@ -325,6 +337,7 @@ mod tests {
             password: None,
             connect_timeout_secs: 1,
             response_timeout_secs: 1,
+            header_timeout_secs: 1,
             pool_idle_secs: 1,
             pool_max_idle: 1,
         };

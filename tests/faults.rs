@@ -183,6 +183,15 @@ struct Setup {
 
 impl Setup {
     async fn start(upstream_url: String) -> Setup {
+        Setup::start_with(
+            upstream_url,
+            "connect_timeout_secs = 2\nresponse_timeout_secs = 2\nheader_timeout_secs = 2\n",
+        )
+        .await
+    }
+
+    /// With these lines in `[upstream]`.
+    async fn start_with(upstream_url: String, extra_upstream: &str) -> Setup {
         init_tracing();
         let dir = tempfile::Builder::new()
             .prefix("registry-gate-faults")
@@ -194,7 +203,7 @@ impl Setup {
             &dir.path().join("gate"),
             GateOptions {
                 upstream_url,
-                extra_upstream: "connect_timeout_secs = 2\nresponse_timeout_secs = 2\n".into(),
+                extra_upstream: extra_upstream.into(),
                 ..GateOptions::new(&leaf)
             },
         )
@@ -272,7 +281,7 @@ async fn an_upstream_that_hangs_gives_504_after_the_response_timeout() {
     let upstream = FakeUpstream::start(Mode::Hang).await;
     let setup = Setup::start(upstream.url()).await;
     let client = setup.client();
-    // response_timeout_secs = 2: the 504 comes after about that, not never.
+    // header_timeout_secs = 2: the 504 comes after about that, not never.
     for c in [client.clone(), client.http2()] {
         let started = Instant::now();
         assert_prompt_error(&c, 504, Duration::from_secs(10), "hanging upstream").await;
@@ -297,6 +306,31 @@ async fn an_upstream_that_hangs_gives_504_after_the_response_timeout() {
         "8 concurrent requests to a hanging upstream took {:?}",
         started.elapsed()
     );
+    upstream.set(Mode::Healthy);
+    assert_recovers(&client, "the upstream hung").await;
+    setup.gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_upstream_answers_small_requests_after_the_header_timeout() {
+    // Uploads may wait two minutes for their answer; a tags list, a manifest or the
+    // version check gets its 504 after header_timeout_secs (1 s here).
+    let upstream = FakeUpstream::start(Mode::Hang).await;
+    let setup = Setup::start_with(
+        upstream.url(),
+        "response_timeout_secs = 120\nheader_timeout_secs = 1\n",
+    )
+    .await;
+    let client = setup.client();
+    for c in [client.clone(), client.http2()] {
+        let resp = assert_prompt_error(&c, 504, Duration::from_secs(20), "hanging upstream").await;
+        assert!(
+            resp.text()
+                .contains("within 1 s (upstream.header_timeout_secs)"),
+            "the 504 names the setting: {}",
+            resp.text()
+        );
+    }
     upstream.set(Mode::Healthy);
     assert_recovers(&client, "the upstream hung").await;
     setup.gate.stop().await;
