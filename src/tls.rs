@@ -21,11 +21,14 @@ use crate::metrics::Metrics;
 /// Why a certificate pair was refused. Carries no key material.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("certificate {path}: {message}")]
+    #[error("the certificate (tls.certificate) {path}: {message}")]
     Certificate { path: PathBuf, message: String },
-    #[error("private key {path}: {message}")]
+    #[error("the private key (tls.private_key) {path}: {message}")]
     Key { path: PathBuf, message: String },
-    #[error("certificate {cert} and key {key} do not belong together: {message}")]
+    #[error(
+        "the certificate (tls.certificate) {cert} and the private key (tls.private_key) \
+         {key} do not belong together: {message}"
+    )]
     Mismatch {
         cert: PathBuf,
         key: PathBuf,
@@ -55,7 +58,14 @@ pub fn load_pair(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, TlsE
     }
     let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| TlsError::Key {
         path: key_path.to_owned(),
-        message: pem_message(&e),
+        message: match &e {
+            rustls::pki_types::pem::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                format!("{io}; {}", who_may_read(key_path))
+            }
+            _ => pem_message(&e),
+        },
     })?;
     let provider = provider();
     let signing_key = provider
@@ -92,11 +102,55 @@ fn pem_message(e: &rustls::pki_types::pem::Error) -> String {
     }
 }
 
+/// For a key the gate may not read: who the gate runs as, and what would let it.
+fn who_may_read(path: &Path) -> String {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1).map(str::to_owned))
+        });
+    let name_of = |file: &str, id: &str| {
+        std::fs::read_to_string(file).ok().and_then(|t| {
+            t.lines().find_map(|l| {
+                let mut f = l.split(':');
+                let name = f.next()?;
+                (f.nth(1)? == id).then(|| name.to_owned())
+            })
+        })
+    };
+    let user = match &uid {
+        Some(id) => format!(
+            "{} (uid {id})",
+            name_of("/etc/passwd", id).unwrap_or_else(|| "?".into())
+        ),
+        None => "an unknown user".into(),
+    };
+    use std::os::unix::fs::MetadataExt as _;
+    let group = std::fs::metadata(path)
+        .ok()
+        .map(|m| m.gid().to_string())
+        .map(|gid| name_of("/etc/group", &gid).unwrap_or(gid));
+    match group {
+        Some(g) => format!(
+            "the gate runs as {user}: put that user in group {g} and make the key \
+             group-readable (chmod g+r), as certbot's ssl-cert setups do"
+        ),
+        None => format!(
+            "the gate runs as {user}, which may not read it or a directory on its path \
+             (certbot's archive/ and live/ are 0700 root by default)"
+        ),
+    }
+}
+
 /// The certificate currently served; replaceable at run time.
 #[derive(Debug)]
 pub struct CertStore {
     current: RwLock<Arc<CertifiedKey>>,
     metrics: Arc<Metrics>,
+    /// Bumped by every replacement.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl CertStore {
@@ -104,6 +158,7 @@ impl CertStore {
         let store = CertStore {
             current: RwLock::new(Arc::new(initial)),
             metrics,
+            generation: std::sync::atomic::AtomicU64::new(0),
         };
         store.record_expiry();
         store
@@ -137,22 +192,50 @@ impl CertStore {
             Ok(mut g) => *g = pair,
             Err(poisoned) => *poisoned.into_inner() = pair,
         }
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.record_expiry();
     }
 
     /// Load the pair from disk and serve it, or keep the old one and log why.
-    pub fn reload(&self, cert: &Path, key: &Path) -> bool {
+    ///
+    /// certbot replaces `fullchain.pem` and `privkey.pem` one after the other, so a
+    /// pair that does not match may be half a renewal: that is a warning, and the pair
+    /// is tried again after `settle`; only a mismatch still there then is an error.
+    pub fn reload(self: &Arc<Self>, cert: &Path, key: &Path, settle: Duration) -> bool {
         match load_pair(cert, key) {
             Ok(pair) => {
                 log_leaf(&pair, "certificate reloaded");
                 self.replace(pair);
                 true
             }
+            Err(e @ TlsError::Mismatch { .. }) if !settle.is_zero() => {
+                tracing::warn!(
+                    "{e}; still serving the previous pair and trying again in {:.1} s \
+                     (a renewal replaces the files one by one)",
+                    settle.as_secs_f64()
+                );
+                let (store, cert, key) = (self.clone(), cert.to_owned(), key.to_owned());
+                let seen = self.generation();
+                tokio::spawn(async move {
+                    tokio::time::sleep(settle).await;
+                    // A later change was taken meanwhile: nothing left to do.
+                    if store.generation() != seen {
+                        return;
+                    }
+                    store.reload(&cert, &key, Duration::ZERO);
+                });
+                false
+            }
             Err(e) => {
                 tracing::error!("certificate reload refused, still serving the previous one: {e}");
                 false
             }
         }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -264,7 +347,7 @@ pub fn spawn_reloader(
         interval,
         hangups,
         move || {
-            store.reload(&cert, &key);
+            store.reload(&cert, &key, interval * 3);
         },
     )
 }

@@ -300,3 +300,79 @@ async fn check_config_prints_the_effective_configuration_and_refuses_typos() {
     }
     stack.gate.stop().await;
 }
+
+/// A renewal that writes the certificate, then the key, is a warning that resolves;
+/// a mismatch that stays is an error naming both configuration keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_done_renewal_warns_and_a_lasting_mismatch_is_an_error() {
+    use common::pki::{Ca, KeyAlg, KeyEncoding};
+    let stack = Stack::start().await;
+    let listen = free_loopback_port();
+    let config = stack.path("renewal.toml");
+    std::fs::write(&config, config_for_binary(&stack, listen, "")).expect("write config");
+    let log = stack.path("renewal.log");
+    let log_file = std::fs::File::create(&log).expect("create log");
+    let child = Command::new(BINARY)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().expect("clone log"))
+        .stderr(log_file)
+        .spawn()
+        .expect("start registry-gate serve");
+    let _running = Running { child: Some(child) };
+    let renewed = stack
+        .ca
+        .issue("localhost", KeyAlg::EcP256, KeyEncoding::Pkcs8);
+    let client = Client::new(listen, &[&stack.ca.cert]);
+    eventually("the binary to accept TLS connections", || async {
+        client.try_peer_certificate().await.ok()
+    })
+    .await;
+    let files = &stack.gate.files;
+    // certbot's order: the chain first; the key 0.3 s later (the watcher looks every
+    // 0.2 s and gives a mismatch 0.6 s to settle).
+    common::replace_file(&files.certificate, &renewed.chain_pem());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    common::replace_file(&files.private_key, &renewed.key_pem());
+    eventually("the renewed certificate to be served", || async {
+        (client.try_peer_certificate().await.ok()? == renewed.der).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let output = std::fs::read_to_string(&log).expect("read log");
+    assert!(
+        output.lines().any(|l| l.contains("WARN")
+            && l.contains("tls.certificate")
+            && l.contains("tls.private_key")
+            && l.contains("trying again")),
+        "a warning for the half-done renewal:\n{output}"
+    );
+    assert!(
+        !output.contains("ERROR"),
+        "no error for a renewal that completed:\n{output}"
+    );
+
+    // A certificate whose key never comes: an error once the settle time is over.
+    let other_ca = Ca::new(&stack.path("other-ca"), "other CA", KeyAlg::EcP256);
+    let stray = other_ca.issue("localhost", KeyAlg::EcP256, KeyEncoding::Pkcs8);
+    common::replace_file(&files.certificate, &stray.chain_pem());
+    eventually("an error for the lasting mismatch", || async {
+        let output = std::fs::read_to_string(&log).ok()?;
+        output
+            .lines()
+            .any(|l| {
+                l.contains("ERROR")
+                    && l.contains("certificate reload refused")
+                    && l.contains("do not belong together")
+            })
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        client.peer_certificate().await,
+        renewed.der,
+        "the last good pair keeps serving"
+    );
+}
