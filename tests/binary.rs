@@ -114,6 +114,9 @@ async fn the_binary_serves_and_exits_0_on_sigterm_after_draining() {
         )
         .await;
     assert_eq!(deleted.status.as_u16(), 202, "{}", deleted.text());
+    let missing = format!("/v2/binary/app/blobs/sha256:{}", "0".repeat(64));
+    let head = client.request("HEAD", &missing, &[], empty()).await;
+    assert_eq!(head.status.as_u16(), 404);
 
     // A download in flight when SIGTERM arrives.
     let blob = pseudo_random_bytes(8 * 1024 * 1024 + 1, 3);
@@ -164,6 +167,13 @@ async fn the_binary_serves_and_exits_0_on_sigterm_after_draining() {
     assert!(
         output.contains("binary/app"),
         "the binary should log its requests:\n{output}"
+    );
+    // A HEAD that was answered is complete (HTTP/1.1 too).
+    assert!(
+        output.lines().any(|l| l.contains("method=HEAD")
+            && l.contains("status=404")
+            && l.contains("complete=true")),
+        "the HEAD's access line:\n{output}"
     );
     // At start: who is there and who may push; a warning for the MD5 entry.
     assert!(
