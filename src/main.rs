@@ -217,10 +217,21 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::CheckConfig { config } => {
             let loaded = Config::load(&config).map_err(|e| e.to_string())?;
             // Parse the files the gate would read at start, as it would.
-            registry_gate::tls::load_pair(&loaded.tls.certificate, &loaded.tls.private_key)
-                .map_err(|e| e.to_string())?;
+            let pair =
+                registry_gate::tls::load_pair(&loaded.tls.certificate, &loaded.tls.private_key)
+                    .map_err(|e| e.to_string())?;
+            let tls = registry_gate::tls::summarize(&pair);
+            let mut summary = vec![tls.line()];
+            let mut warnings = tls.warnings(loaded.public_url.as_deref());
             if let Some(auth) = &loaded.auth {
-                registry_gate::auth::Authenticator::load(auth).map_err(|e| e.to_string())?;
+                let accounts = registry_gate::auth::Authenticator::load(auth)
+                    .map_err(|e| e.to_string())?
+                    .accounts();
+                let (line, more) = accounts.summary(&auth.push_group);
+                summary.push(line);
+                warnings.extend(more);
+            } else {
+                summary.push("no [auth]: nobody can push (a read-only mirror)".into());
             }
             // Reach the storage as the server would (an object store: list one key).
             if loaded.upstream.is_none()
@@ -233,6 +244,12 @@ fn run(cli: Cli) -> Result<(), String> {
                 eprintln!("storage: {} answers", store.describe());
             }
             print!("{}", loaded.to_toml_masked());
+            for line in summary {
+                eprintln!("{line}");
+            }
+            for warning in warnings {
+                eprintln!("warning: {warning}");
+            }
             eprintln!("{}: OK", config.display());
             Ok(())
         }

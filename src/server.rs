@@ -100,10 +100,13 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new());
-    let certs = Arc::new(CertStore::new(
-        tls::load_pair(&config.tls.certificate, &config.tls.private_key)?,
-        metrics.clone(),
-    ));
+    let pair = tls::load_pair(&config.tls.certificate, &config.tls.private_key)?;
+    let summary = tls::summarize(&pair);
+    tracing::info!("{}", summary.line());
+    for warning in summary.warnings(config.public_url.as_deref()) {
+        tracing::warn!("{warning}");
+    }
+    let certs = Arc::new(CertStore::new(pair, metrics.clone()));
     let tls_config = tls::server_config(certs.clone())?;
 
     let auth = match &config.auth {

@@ -318,6 +318,220 @@ pub fn not_after(cert: &[u8]) -> Option<i64> {
     Some(days * 86_400 + h * 3600 + mi * 60 + sec)
 }
 
+/// What an operator wants to know of the served leaf.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeafSummary {
+    /// The subject's common name (empty when it has none).
+    pub subject_cn: String,
+    /// DNS names and IP addresses of subjectAltName.
+    pub sans: Vec<String>,
+    pub not_after: Option<i64>,
+    /// The leaf names itself as issuer (self-signed, or a test CA of one).
+    pub self_issued: bool,
+    /// Certificates in the file, the leaf included.
+    pub chain_len: usize,
+}
+
+/// Issuer, subject and extensions of a TBSCertificate, as DER contents.
+type TbsParts<'a> = (&'a [u8], &'a [u8], Option<&'a [u8]>);
+
+/// The pieces of TBSCertificate an operator summary needs.
+fn tbs_parts(cert: &[u8]) -> Option<TbsParts<'_>> {
+    let (_, certificate, _) = der_element(cert)?;
+    let (_, tbs, _) = der_element(certificate)?;
+    let mut rest = tbs;
+    let (tag, _, after) = der_element(rest)?;
+    if tag == 0xa0 {
+        rest = after;
+    }
+    // serialNumber, signature
+    for _ in 0..2 {
+        rest = der_element(rest)?.2;
+    }
+    let (_, issuer, after) = der_element(rest)?;
+    let (_, _, after) = der_element(after)?; // validity
+    let (_, subject, mut after) = der_element(after)?;
+    after = der_element(after)?.2; // subjectPublicKeyInfo
+    let mut extensions = None;
+    while !after.is_empty() {
+        let (tag, contents, next) = der_element(after)?;
+        if tag == 0xa3 {
+            extensions = Some(der_element(contents)?.1);
+        }
+        after = next;
+    }
+    Some((issuer, subject, extensions))
+}
+
+/// The common name in a Name (DER contents of its SEQUENCE).
+fn common_name(mut name: &[u8]) -> Option<String> {
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    while !name.is_empty() {
+        let (_, set, next) = der_element(name)?;
+        let (_, attr, _) = der_element(set)?;
+        let (_, oid, value) = der_element(attr)?;
+        if oid == CN {
+            let (_, text, _) = der_element(value)?;
+            return Some(String::from_utf8_lossy(text).into_owned());
+        }
+        name = next;
+    }
+    None
+}
+
+fn subject_alt_names(mut extensions: &[u8]) -> Vec<String> {
+    const SAN: &[u8] = &[0x55, 0x1d, 0x11];
+    let mut out = Vec::new();
+    while let Some((_, ext, next)) = der_element(extensions) {
+        extensions = next;
+        let Some((_, oid, mut rest)) = der_element(ext) else {
+            continue;
+        };
+        if oid != SAN {
+            continue;
+        }
+        // [critical BOOLEAN] then OCTET STRING holding GeneralNames.
+        while let Some((tag, contents, next)) = der_element(rest) {
+            rest = next;
+            if tag != 0x04 {
+                continue;
+            }
+            let Some((_, mut names, _)) = der_element(contents) else {
+                continue;
+            };
+            while let Some((tag, value, next)) = der_element(names) {
+                names = next;
+                match (tag, value.len()) {
+                    (0x82, _) => out.push(String::from_utf8_lossy(value).into_owned()),
+                    (0x87, 4) => out.push(
+                        std::net::Ipv4Addr::new(value[0], value[1], value[2], value[3]).to_string(),
+                    ),
+                    (0x87, 16) => {
+                        let mut b = [0u8; 16];
+                        b.copy_from_slice(value);
+                        out.push(std::net::Ipv6Addr::from(b).to_string());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Subject, SANs, expiry and chain length of a loaded pair.
+pub fn summarize(pair: &CertifiedKey) -> LeafSummary {
+    let Some(leaf) = pair.cert.first() else {
+        return LeafSummary::default();
+    };
+    let (subject_cn, sans, self_issued) = match tbs_parts(leaf.as_ref()) {
+        Some((issuer, subject, ext)) => (
+            common_name(subject).unwrap_or_default(),
+            ext.map(subject_alt_names).unwrap_or_default(),
+            issuer == subject,
+        ),
+        None => (String::new(), Vec::new(), false),
+    };
+    LeafSummary {
+        subject_cn,
+        sans,
+        not_after: not_after(leaf.as_ref()),
+        self_issued,
+        chain_len: pair.cert.len(),
+    }
+}
+
+impl LeafSummary {
+    /// One line for the log and `check-config`.
+    pub fn line(&self) -> String {
+        let expiry = match self.not_after {
+            Some(t) => {
+                let now = crate::auth::token::now_secs() as i64;
+                format!(
+                    "expires {} ({} days)",
+                    crate::auth::token::rfc3339(u64::try_from(t).unwrap_or(0)),
+                    (t - now).div_euclid(86_400)
+                )
+            }
+            None => "expiry unreadable".into(),
+        };
+        format!(
+            "certificate CN={} SANs={} {expiry}, {} certificate(s) in the file",
+            if self.subject_cn.is_empty() {
+                "-"
+            } else {
+                &self.subject_cn
+            },
+            if self.sans.is_empty() {
+                "-".to_owned()
+            } else {
+                self.sans.join(",")
+            },
+            self.chain_len
+        )
+    }
+
+    /// What looks wrong: a leaf without its intermediate, a public host it does not
+    /// name, an expired certificate.
+    pub fn warnings(&self, public_url: Option<&str>) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.chain_len == 1 && !self.self_issued {
+            out.push(
+                "tls.certificate holds the leaf only, no intermediate: clients that do not \
+                 have the intermediate fail; use certbot's fullchain.pem, not cert.pem"
+                    .to_owned(),
+            );
+        }
+        if let Some(host) = public_url.and_then(url_host) {
+            let named = self.sans.iter().any(|san| name_matches(san, &host));
+            if !named {
+                out.push(format!(
+                    "public_url's host {host} is not among the certificate's names ({}): \
+                     clients will refuse it",
+                    if self.sans.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        self.sans.join(", ")
+                    }
+                ));
+            }
+        }
+        if self
+            .not_after
+            .is_some_and(|t| t < crate::auth::token::now_secs() as i64)
+        {
+            out.push("the certificate has expired".to_owned());
+        }
+        out
+    }
+}
+
+/// The host of `https://host[:port]/…`, lower-cased, without brackets.
+fn url_host(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next()?;
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next()?.to_owned()
+    } else {
+        authority
+            .rsplit_once(':')
+            .map_or(authority, |(h, _)| h)
+            .to_owned()
+    };
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
+/// A SAN (possibly `*.example.org`) naming `host`.
+fn name_matches(san: &str, host: &str) -> bool {
+    let san = san.to_ascii_lowercase();
+    match san.strip_prefix("*.") {
+        Some(suffix) => host
+            .split_once('.')
+            .is_some_and(|(first, rest)| !first.is_empty() && rest == suffix),
+        None => san == host,
+    }
+}
+
 /// The server-side TLS configuration: TLS 1.3 and 1.2, h2 and http/1.1 by ALPN,
 /// session resumption by tickets and by cache.
 pub fn server_config(store: Arc<CertStore>) -> Result<rustls::ServerConfig, TlsError> {
@@ -387,6 +601,63 @@ mod tests {
         assert!((t - now - 10 * 86_400).abs() < 120, "{t} vs {now}");
         assert_eq!(not_after(b"junk"), None);
         assert_eq!(not_after(&[]), None);
+    }
+
+    #[test]
+    fn summary_names_sans_and_warns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("k.pem");
+        let cert = dir.path().join("c.pem");
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-subj", "/CN=reg.example.org", "-days", "30"])
+            .args([
+                "-addext",
+                "subjectAltName=DNS:reg.example.org,DNS:*.apps.example.org,IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .status()
+            .expect("openssl (apt-get install openssl)");
+        assert!(status.success());
+        let summary = summarize(&load_pair(&cert, &key).expect("pair"));
+        assert_eq!(summary.subject_cn, "reg.example.org");
+        assert_eq!(
+            summary.sans,
+            ["reg.example.org", "*.apps.example.org", "127.0.0.1"]
+        );
+        assert!(summary.self_issued);
+        assert!(
+            summary
+                .line()
+                .contains("SANs=reg.example.org,*.apps.example.org,127.0.0.1")
+        );
+        assert!(
+            summary
+                .warnings(Some("https://reg.example.org:5043"))
+                .is_empty()
+        );
+        assert!(
+            summary
+                .warnings(Some("https://x.apps.example.org"))
+                .is_empty()
+        );
+        let w = summary.warnings(Some("https://other.example.org:5043"));
+        assert!(w[0].contains("other.example.org is not among"), "{w:?}");
+        let leaf_only = LeafSummary {
+            self_issued: false,
+            ..summary
+        };
+        assert!(leaf_only.warnings(None)[0].contains("fullchain.pem"));
     }
 
     #[test]

@@ -175,7 +175,12 @@ async fn the_binary_serves_and_exits_0_on_sigterm_after_draining() {
             && l.contains("complete=true")),
         "the HEAD's access line:\n{output}"
     );
-    // At start: who is there and who may push; a warning for the MD5 entry.
+    // At start: the certificate, who is there and who may push; a warning for the
+    // MD5 entry.
+    assert!(
+        output.contains("certificate CN=localhost SANs=localhost"),
+        "the certificate summary:\n{output}"
+    );
     assert!(
         output.contains("2 user(s) loaded; 1 may push (pusher: mark)"),
         "the start-up summary:\n{output}"
@@ -243,6 +248,13 @@ async fn check_config_prints_the_effective_configuration_and_refuses_typos() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}{stderr}");
+    // After the effective config: the certificate and the accounts in one line each.
+    assert!(
+        stderr.contains("certificate CN=localhost SANs=localhost")
+            && stderr.contains("2 user(s) loaded; 1 may push (pusher: mark)")
+            && stderr.contains("warning: user vera's password is stored as Apache MD5"),
+        "check-config's summary:\n{stderr}"
+    );
     assert!(
         stdout.contains(&stack.upstream.url()),
         "the effective configuration names the upstream:\n{stdout}"

@@ -149,9 +149,9 @@ pub struct Accounts {
 }
 
 impl Accounts {
-    /// One line at start: the users and who may push; warnings for an empty push
-    /// group and for weak password hashes.
-    pub fn describe(&self, push_group: &str) {
+    /// One line on the users and who may push, and warnings for an empty push group
+    /// and for weak password hashes.
+    pub fn summary(&self, push_group: &str) -> (String, Vec<String>) {
         let users = self.htpasswd.users();
         let pushers: Vec<String> = self
             .groups
@@ -159,30 +159,45 @@ impl Accounts {
             .into_iter()
             .filter(|u| self.htpasswd.contains(u))
             .collect();
-        tracing::info!(
-            users = users.len(),
-            push_group,
-            pushers = %pushers.join(","),
+        let line = format!(
             "{} user(s) loaded; {} may push ({push_group}: {})",
             users.len(),
             pushers.len(),
-            if pushers.is_empty() { "-".to_owned() } else { pushers.join(" ") }
+            if pushers.is_empty() {
+                "-".to_owned()
+            } else {
+                pushers.join(" ")
+            }
         );
+        let mut warnings = Vec::new();
         if pushers.is_empty() {
-            tracing::warn!(
+            warnings.push(format!(
                 "nobody can push: no user of the password file is in group {push_group:?} \
                  (add one with `registry-gate user groups NAME --add {push_group}`)"
-            );
+            ));
         }
         for user in users {
             if let Some(scheme) = self.htpasswd.scheme(&user).filter(|s| s.is_weak()) {
-                tracing::warn!(
-                    user = %user,
+                warnings.push(format!(
                     "user {user}'s password is stored as {scheme}, which is {}; set it \
                      again as bcrypt with `registry-gate user passwd {user}`",
-                    if scheme == htpasswd::Scheme::Sha1 { "unsalted" } else { "cheap to guess (MD5)" }
-                );
+                    if scheme == htpasswd::Scheme::Sha1 {
+                        "unsalted"
+                    } else {
+                        "cheap to guess (MD5)"
+                    }
+                ));
             }
+        }
+        (line, warnings)
+    }
+
+    /// The summary, logged.
+    fn describe(&self, push_group: &str) {
+        let (line, warnings) = self.summary(push_group);
+        tracing::info!("{line}");
+        for w in warnings {
+            tracing::warn!("{w}");
         }
     }
 
