@@ -107,6 +107,98 @@ fn curl_write(
     )
 }
 
+/// `nghttp -v` (HTTP/2 only) with `method`, and `body` as data when given: (exit
+/// code, output).
+fn nghttp(
+    method: &str,
+    url: &str,
+    body: Option<&std::path::Path>,
+    user: Option<&str>,
+) -> (i32, String) {
+    use base64::Engine as _;
+    let mut cmd = command("nghttp", "nghttp2-client");
+    cmd.args(["-v", "-t", "20", "-H"])
+        .arg(format!(":method: {method}"));
+    if let Some(body) = body {
+        cmd.arg("-d").arg(body).args([
+            "-H",
+            "content-type: application/vnd.oci.image.manifest.v1+json",
+        ]);
+    }
+    if let Some(user) = user {
+        let token = base64::engine::general_purpose::STANDARD.encode(user);
+        cmd.arg("-H").arg(format!("authorization: Basic {token}"));
+    }
+    let out = cmd.arg(url).output().expect("run nghttp");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The same answers seen by nghttp: the status arrives, and the stream ends without
+/// an error code.
+fn check_with_nghttp(base: &str) {
+    let body = std::env::temp_dir().join(format!("rg-nghttp-body-{}", std::process::id()));
+    std::fs::write(&body, vec![b'{'; 1024]).expect("write body");
+    let viewer = format!("{}:{}", common::VIEWER.0, common::VIEWER.1);
+    let missing = format!("{base}/v2/h2/app/blobs/sha256:{}", "0".repeat(64));
+    type Case<'a> = (
+        &'a str,
+        String,
+        Option<&'a std::path::Path>,
+        Option<&'a str>,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        ("HEAD", missing.clone(), None, None, "404"),
+        ("HEAD", format!("{base}/v2/"), None, None, "401"),
+        (
+            "PUT",
+            format!("{base}/v2/h2/app/manifests/t"),
+            Some(&body),
+            None,
+            "401",
+        ),
+        (
+            "PUT",
+            format!("{base}/v2/h2/app/manifests/t"),
+            Some(&body),
+            Some(viewer.as_str()),
+            "403",
+        ),
+        (
+            "PUT",
+            format!("{base}/v2/no/such/endpoint/x"),
+            Some(&body),
+            None,
+            "404",
+        ),
+        ("OPTIONS", format!("{base}/v2/"), Some(&body), None, "405"),
+    ];
+    for (method, url, data, user, want) in cases {
+        let (code, text) = nghttp(method, &url, data, user);
+        assert_eq!(code, 0, "nghttp {method} {url}: {text}");
+        assert!(
+            text.contains(&format!(":status: {want}")),
+            "nghttp {method} {url}: status {want} expected:\n{text}"
+        );
+        let bad: Vec<&str> = text
+            .split("error_code=")
+            .skip(1)
+            .filter(|rest| !rest.starts_with("NO_ERROR"))
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "nghttp {method} {url}: a frame carried an error code:\n{text}"
+        );
+    }
+}
+
 /// Refused writes that carry a small body get their answer over both protocols.
 fn check_refused_writes(base: &str, ca: &std::path::Path) {
     let viewer = format!("{}:{}", common::VIEWER.0, common::VIEWER.1);
@@ -144,9 +236,12 @@ async fn refused_writes_with_a_body_are_answered_built_in() {
     let aio = AllInOne::start().await;
     let base = aio.gate.base_url();
     let ca = aio.ca.cert.clone();
-    tokio::task::spawn_blocking(move || check_refused_writes(&base, &ca))
-        .await
-        .expect("join");
+    tokio::task::spawn_blocking(move || {
+        check_with_nghttp(&base);
+        check_refused_writes(&base, &ca);
+    })
+    .await
+    .expect("join");
     aio.gate.stop().await;
 }
 
@@ -155,8 +250,11 @@ async fn refused_writes_with_a_body_are_answered_in_front() {
     let stack = Stack::start().await;
     let base = stack.gate.base_url();
     let ca = stack.ca.cert.clone();
-    tokio::task::spawn_blocking(move || check_refused_writes(&base, &ca))
-        .await
-        .expect("join");
+    tokio::task::spawn_blocking(move || {
+        check_with_nghttp(&base);
+        check_refused_writes(&base, &ca);
+    })
+    .await
+    .expect("join");
     stack.gate.stop().await;
 }
