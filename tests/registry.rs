@@ -1734,6 +1734,23 @@ async fn deletes_of_manifests_tags_and_blobs_when_enabled(backend: Backend) {
     );
     let resp = pusher.request("DELETE", &blob, &[], empty()).await;
     expect_error(&resp, 404, "BLOB_UNKNOWN", "DELETE the blob again");
+
+    // The last manifest gone: the repository leaves the catalog (its layer links and,
+    // on disk, empty directories stay behind until gc).
+    let resp = anon.get("/v2/_catalog").await;
+    assert_eq!(resp.json()["repositories"], json!([repo]), "still listed");
+    let path = format!("/v2/{repo}/manifests/{}", other.manifest_digest);
+    expect(
+        &pusher.request("DELETE", &path, &[], empty()).await,
+        202,
+        "DELETE the last manifest",
+    );
+    let resp = anon.get("/v2/_catalog").await;
+    assert_eq!(
+        resp.json()["repositories"],
+        json!([]),
+        "a repository without manifests is not listed"
+    );
     aio.gate.stop().await;
 }
 

@@ -86,7 +86,7 @@ pub async fn tags(reg: &Registry, repo: &RepoName, req: &Request<Body>) -> Handl
 }
 
 pub async fn catalog(reg: &Registry, req: &Request<Body>) -> Handled {
-    let all = reg.store.list_repositories().await?;
+    let all = reg.store.listed_repositories().await?;
     let (repos, n, more) = page(all, req)?;
     let json = serde_json::json!({ "repositories": repos }).to_string();
     let mut resp = json_response(StatusCode::OK, json);

@@ -340,6 +340,29 @@ impl Store {
         Ok(out)
     }
 
+    /// The repositories a client should see: those with a manifest or an upload in
+    /// progress. A repository whose last manifest was deleted leaves directories (on
+    /// disk) or layer links behind; it is not listed.
+    pub async fn listed_repositories(&self) -> Result<Vec<String>> {
+        use futures_util::{StreamExt, TryStreamExt};
+        let candidates = self.list_repositories().await?;
+        let kept: Vec<Option<String>> =
+            futures_util::stream::iter(candidates.into_iter().map(|name| async move {
+                let Ok(repo) = RepoName::parse(&name) else {
+                    return Ok(None);
+                };
+                if !self.list_revisions(&repo).await?.is_empty() {
+                    return Ok(Some(name));
+                }
+                let uploads = self.storage.list_dir(&Layout.uploads(&repo)).await?;
+                Ok((!uploads.dirs.is_empty() || !uploads.objects.is_empty()).then_some(name))
+            }))
+            .buffered(16)
+            .try_collect()
+            .await?;
+        Ok(kept.into_iter().flatten().collect())
+    }
+
     /// Names (valid repository names) of the directories under `repositories/` that
     /// hold a `marker` sub-directory; directories starting with `_` are not entered.
     pub async fn repositories_with(&self, marker: &str) -> Result<Vec<String>> {
