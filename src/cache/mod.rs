@@ -523,7 +523,9 @@ impl CachingProxy {
             lock(&self.fills).remove(d);
             return resp;
         };
-        let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+        // Bounded: a disk slower than the network slows the first client down to the
+        // disk's pace instead of holding the blob in memory.
+        let (tx, rx) = mpsc::channel::<Bytes>(TEE_QUEUE);
         let writer = Writer {
             disk: self.disk.clone(),
             fills: self.fills.clone(),
@@ -539,7 +541,7 @@ impl CachingProxy {
             parts,
             body::boxed(Tee {
                 inner: incoming,
-                tx: Some(tx),
+                tx: Some(tokio_util::sync::PollSender::new(tx)),
             }),
         )
     }
@@ -652,10 +654,15 @@ async fn follow(fill: &Fill, d: &str) -> Option<Response<Body>> {
     Some(blob_response(d, size, StatusCode::OK, 0, size, body))
 }
 
-/// A response body that hands a copy of each chunk to a fill's writer.
+/// Chunks on their way from a first client's response to the cache file (hyper's
+/// reads are up to 64 KiB: at most a few MiB in flight per fill).
+const TEE_QUEUE: usize = 32;
+
+/// A response body that hands a copy of each chunk to a fill's writer, reading the
+/// next chunk only once the writer has room for it.
 struct Tee {
     inner: Body,
-    tx: Option<mpsc::UnboundedSender<Bytes>>,
+    tx: Option<tokio_util::sync::PollSender<Bytes>>,
 }
 
 impl http_body::Body for Tee {
@@ -667,14 +674,21 @@ impl http_body::Body for Tee {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        // Room for the copy first: the writer sets the pace.
+        if let Some(tx) = &mut this.tx {
+            match tx.poll_reserve(cx) {
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+                // The writer failed: the client goes on, this copy is given up.
+                std::task::Poll::Ready(Err(_)) => this.tx = None,
+                std::task::Poll::Ready(Ok(())) => {}
+            }
+        }
         let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
         if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
-            && let Some(tx) = &this.tx
-            && tx.send(data.clone()).is_err()
+            && let Some(tx) = &mut this.tx
+            && tx.send_item(data.clone()).is_err()
         {
-            // The writer failed: the client goes on, this copy is given up. (The queue
-            // is unbounded: a disk slower than the network holds chunks in memory.)
             this.tx = None;
         }
         if let std::task::Poll::Ready(Some(Err(_))) = &polled {
@@ -704,7 +718,7 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(self, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+    async fn run(self, mut rx: mpsc::Receiver<Bytes>) {
         // The file exists before anyone learns the size (followers open it then).
         let ok = match tokio::fs::File::create(&self.temp).await {
             Ok(file) => {
@@ -734,7 +748,7 @@ impl Writer {
     async fn write(
         &self,
         mut file: tokio::fs::File,
-        rx: &mut mpsc::UnboundedReceiver<Bytes>,
+        rx: &mut mpsc::Receiver<Bytes>,
     ) -> bool {
         use sha2::Digest as _;
         use tokio::io::AsyncWriteExt as _;
