@@ -33,6 +33,7 @@
 //! notify   `[[notifications]]`: push/delete/pull events POSTed to webhooks in
 //!          distribution's envelope, one bounded queue and worker per endpoint
 //! admin    plain-HTTP listener: /metrics (metrics), /healthz, /readyz
+//! healthcheck `registry-gate healthcheck`: /readyz, or a TLS handshake with the port
 //! body     the response/request body type and the byte counting used by the log
 //! users    `registry-gate user add|del|list`: edits htpasswd and group files atomically
 //! ```
@@ -47,6 +48,7 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod gate;
+pub mod healthcheck;
 pub mod io;
 pub mod lifecycle;
 pub mod logging;

@@ -88,6 +88,16 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Exit 0 when the gate on this host serves, 1 with the reason when it does not:
+    /// asks `[admin]`'s /readyz, or without `[admin]` completes a TLS handshake with
+    /// `listen`. For a container HEALTHCHECK.
+    Healthcheck {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 3)]
+        timeout_secs: u64,
+    },
     /// Manage users in the htpasswd and group files (no apache2-utils needed).
     User {
         #[command(subcommand)]
@@ -336,6 +346,14 @@ fn run(cli: Cli) -> Result<(), String> {
                 "{}",
                 registry_gate::cache::command(&cache, action == "clear")?
             );
+            Ok(())
+        }
+        Command::Healthcheck {
+            config,
+            timeout_secs,
+        } => {
+            let timeout = std::time::Duration::from_secs(timeout_secs);
+            println!("{}", registry_gate::healthcheck::run(&config, timeout)?);
             Ok(())
         }
         Command::User { action } => {

@@ -1,7 +1,9 @@
 //! The `registry-gate` binary itself, as an operator runs it: `serve` on a port of
 //! its configuration, a push and a pull through it, SIGTERM while a download is in
 //! flight (the download finishes, the process exits 0), no secret in its output;
-//! and `check-config` on good and bad files.
+//! `check-config` on good and bad files; and `healthcheck` against a gate that serves
+//! (exit 0), nothing listening, a port that never answers and a `/readyz` that says
+//! no (exit 1, one line saying why).
 
 mod common;
 
@@ -396,5 +398,158 @@ async fn a_half_done_renewal_warns_and_a_lasting_mismatch_is_an_error() {
         client.peer_certificate().await,
         renewed.der,
         "the last good pair keeps serving"
+    );
+}
+
+/// `registry-gate healthcheck --config CONFIG ARGS…`: exit code, stdout, stderr and
+/// how long it took.
+fn healthcheck(config: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String, Duration) {
+    let start = std::time::Instant::now();
+    let out = tokio::task::block_in_place(|| {
+        Command::new(BINARY)
+            .args(["healthcheck", "--config"])
+            .arg(config)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run registry-gate healthcheck")
+    });
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        start.elapsed(),
+    )
+}
+
+/// Exactly one line, starting with `prefix`.
+fn assert_one_line(text: &str, prefix: &str, what: &str) {
+    assert!(
+        text.starts_with(prefix) && text.trim_end().lines().count() == 1,
+        "{what}: expected one line starting {prefix:?}, got {text:?}"
+    );
+}
+
+/// The stack's gate configuration with `listen` set to `listen` (the in-process gate
+/// itself was bound to port 0; `healthcheck` only reads the addresses).
+fn config_listening_on(
+    stack: &Stack,
+    listen: std::net::SocketAddr,
+    name: &str,
+) -> std::path::PathBuf {
+    let path = stack.path(name);
+    std::fs::write(&path, config_for_binary(stack, listen, "")).expect("write config");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_without_admin_completes_a_tls_handshake_and_fails_with_a_reason() {
+    let stack = Stack::start().await;
+
+    // The gate serves: a TLS handshake with its port.
+    let config = config_listening_on(&stack, stack.gate.addr, "serving.toml");
+    let (code, stdout, stderr, _) = healthcheck(&config, &[]);
+    assert_eq!(
+        code,
+        Some(0),
+        "healthcheck against a serving gate: {stdout}{stderr}"
+    );
+    assert_one_line(
+        &stdout,
+        &format!("healthy: TLS handshake with {} completed", stack.gate.addr),
+        "stdout",
+    );
+
+    // Nothing listens there.
+    let nothing = free_loopback_port();
+    let config = config_listening_on(&stack, nothing, "nothing.toml");
+    let (code, stdout, stderr, _) = healthcheck(&config, &[]);
+    assert_eq!(
+        code,
+        Some(1),
+        "healthcheck with nothing listening: {stdout}{stderr}"
+    );
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_one_line(
+        &stderr,
+        &format!("registry-gate: unhealthy: nothing answers on {nothing} (listen)"),
+        "stderr",
+    );
+
+    // A port that accepts connections (the kernel does, from the backlog) and never
+    // says anything: the timeout gives up.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let config = config_listening_on(&stack, silent_addr, "silent.toml");
+    let (code, stdout, stderr, took) = healthcheck(&config, &["--timeout-secs", "1"]);
+    assert_eq!(
+        code,
+        Some(1),
+        "healthcheck against a silent port: {stdout}{stderr}"
+    );
+    assert_one_line(
+        &stderr,
+        &format!("registry-gate: unhealthy: no answer from the TLS port {silent_addr} within 1 s"),
+        "stderr",
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "took {took:?} with a 1 s timeout"
+    );
+    drop(silent);
+
+    // A configuration that cannot be read.
+    let (code, _, stderr, _) = healthcheck(&stack.path("missing.toml"), &[]);
+    assert_eq!(code, Some(1));
+    assert_one_line(&stderr, "registry-gate: unhealthy: ", "stderr");
+    stack.gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_with_admin_asks_readyz() {
+    let admin = free_loopback_port();
+    let mut stack = Stack::start_with(common::StackOptions {
+        extra_tables: format!("[admin]\nlisten = \"{admin}\"\n"),
+        ..common::StackOptions::default()
+    })
+    .await;
+    let config = config_listening_on(&stack, stack.gate.addr, "admin.toml");
+    let (code, stdout, stderr, _) = eventually("the admin listener to answer /readyz", || async {
+        let result = healthcheck(&config, &[]);
+        (result.0 == Some(0)).then_some(result)
+    })
+    .await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert_one_line(
+        &stdout,
+        &format!("healthy: /readyz on {admin}: ready"),
+        "stdout",
+    );
+
+    // The upstream stops: /readyz says no, and so does the healthcheck, with the reason.
+    stack.upstream.stop();
+    let (code, stdout, stderr, _) = healthcheck(&config, &[]);
+    assert_eq!(
+        code,
+        Some(1),
+        "healthcheck with the upstream down: {stdout}{stderr}"
+    );
+    assert_one_line(
+        &stderr,
+        &format!(
+            "registry-gate: unhealthy: /readyz on {admin} answered 503 Service Unavailable: not ready: "
+        ),
+        "stderr",
+    );
+
+    // The admin listener gone (the gate stopped): nothing answers there.
+    stack.gate.stop().await;
+    let (code, _, stderr, _) = healthcheck(&config, &[]);
+    assert_eq!(code, Some(1));
+    assert_one_line(
+        &stderr,
+        &format!("registry-gate: unhealthy: nothing answers on {admin} ([admin] listen)"),
+        "stderr",
     );
 }
