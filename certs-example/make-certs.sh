@@ -8,11 +8,14 @@
 #   --rsa    RSA-2048 keys instead of ECDSA P-256
 #   --force  overwrite files that already exist
 #
-# Writes: ca.crt ca.key (the CA), fullchain.pem (leaf + CA), privkey.pem (leaf key).
+# Writes: ca.crt ca.key (the CA), fullchain.pem (leaf + CA), privkey.pem (leaf key),
+# and trust/ca.crt: a directory holding only the CA certificate, for
+# `skopeo --cert-dir` and `podman --cert-dir` (which refuse a directory that also
+# holds ca.key: "missing client certificate ca.cert for key ca.key").
 # Needs only the openssl command line tool.
 set -euo pipefail
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 
 algo=ec
 force=no
@@ -44,8 +47,21 @@ existing=()
 for f in "${outputs[@]}"; do
     [[ -e "$f" ]] && existing+=("$f")
 done
+
+# trust/ holds only a copy of ca.crt (written through a temporary name).
+write_trust_dir() {
+    mkdir -p "$dir/trust"
+    cp "$dir/ca.crt" "$dir/trust/.ca.crt.tmp"
+    mv -f "$dir/trust/.ca.crt.tmp" "$dir/trust/ca.crt"
+}
+
 if [[ ${#existing[@]} -gt 0 && "$force" != yes ]]; then
-    echo "make-certs.sh: ${existing[*]} already in $dir; nothing changed (use --force to replace)"
+    # Made by an older version of this script: add the trust directory.
+    if [[ -f ca.crt && ! -e trust/ca.crt ]]; then
+        write_trust_dir
+        echo "make-certs.sh: wrote trust/ca.crt (a copy of ca.crt) in $dir"
+    fi
+    echo "make-certs.sh: ${existing[*]} already in $dir; nothing else changed (use --force to replace)"
     exit 0
 fi
 
@@ -86,5 +102,8 @@ cat "$work/leaf.crt" "$work/ca.crt" > "$work/fullchain.pem"
 for f in "${outputs[@]}"; do
     mv -f "$work/$f" "$dir/$f"
 done
-echo "make-certs.sh: wrote ${outputs[*]} ($algo) in $dir"
-echo "  trust it: skopeo --cert-dir DIR (DIR holds ca.crt), docker: /etc/docker/certs.d/localhost:5043/ca.crt"
+write_trust_dir
+echo "make-certs.sh: wrote ${outputs[*]} trust/ca.crt ($algo) in $dir"
+echo "  trust it: curl --cacert $dir/ca.crt"
+echo "            skopeo and podman: --cert-dir $dir/trust"
+echo "            docker: copy ca.crt to /etc/docker/certs.d/localhost:5043/ca.crt"

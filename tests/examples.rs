@@ -4,11 +4,15 @@
 //! cluster, its endpoint and key put in); the systemd unit passes `systemd-analyze verify`; the
 //! certbot deploy hook is quiet and exits 0 when the gate is not running.
 //!
-//! The example files point at `../certs-example/*.pem`, which are generated, never
-//! committed: each test copies what it needs into a temporary directory and makes the
-//! certificates there with `certs-example/make-certs.sh`, so the work tree stays clean.
+//! The example files point at `../certs-example/*.pem` and at password files beside
+//! them, which are generated, never committed: each test copies what it needs into a
+//! temporary directory, makes the certificates there with
+//! `certs-example/make-certs.sh` and the password files with `registry-gate user add`,
+//! so the work tree stays clean.
 
+use std::ffi::OsStr;
 use std::fs;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -22,14 +26,57 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Copy the regular files of `from` (not recursively) into `to`.
+/// Copy the regular files of `from` (not recursively) into `to`, except the local
+/// files git ignores in examples/ (password files a quick start left, secrets).
 fn copy_files(from: &Path, to: &Path) {
     fs::create_dir_all(to).expect("create dir");
     for entry in fs::read_dir(from).expect("read dir") {
         let entry = entry.expect("dir entry");
-        if entry.file_type().expect("file type").is_file() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let local = name.ends_with(".htpasswd")
+            || name.ends_with(".groups")
+            || name == "token.key"
+            || name == "s3-secret";
+        if entry.file_type().expect("file type").is_file() && !local {
             fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
         }
+    }
+}
+
+/// `registry-gate user add NAME --group GROUP ARGS…` (password on stdin), as the
+/// examples' comments tell users to run it.
+fn user_add(name: &str, group: &str, args: &[&OsStr]) {
+    let mut child = Command::new(BIN)
+        .args(["user", "add", name, "--group", group, "--cost", "4"])
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run registry-gate user add");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"example-password\n")
+        .expect("write password");
+    let out = child.wait_with_output().expect("wait for user add");
+    assert!(
+        out.status.success(),
+        "registry-gate user add {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The password files the examples name, made the way their comments say.
+fn add_example_users(examples: &Path) {
+    for (name, group, config) in [
+        ("mark", "pusher", "all-in-one.toml"),
+        ("alice", "team-a", "teams.toml"),
+    ] {
+        let config = examples.join(config);
+        user_add(name, group, &[OsStr::new("--config"), config.as_os_str()]);
     }
 }
 
@@ -105,6 +152,7 @@ fn every_example_loads_and_passes_check_config() {
     fs::write(&scale, text).expect("write scale-out.toml");
     fs::write(examples.join("s3-secret"), format!("{}\n", garage.secret)).expect("secret");
     fs::write(examples.join("token.key"), [7u8; 48]).expect("token key");
+    add_example_users(&examples);
 
     let files = tomls_in(&examples);
     let names: Vec<String> = files
@@ -161,6 +209,7 @@ fn a_broken_example_is_refused_by_check_config() {
     let examples = tmp.path().join("examples");
     copy_files(&repo().join("examples"), &examples);
     make_certs(&tmp.path().join("certs-example"));
+    add_example_users(&examples);
     let file = examples.join("all-in-one.toml");
     let text = fs::read_to_string(&file).expect("read");
     fs::write(&file, text.replace("push_group", "push_grup")).expect("write");
@@ -179,9 +228,16 @@ fn container_configs_pass_check_config_where_their_paths_exist() {
     make_certs(&certs);
     let etc = tmp.path().join("etc");
     fs::create_dir_all(&etc).expect("mkdir");
-    for f in ["httpd.htpasswd", "httpd.groups"] {
-        fs::copy(repo().join("examples").join(f), etc.join(f)).expect("copy");
-    }
+    user_add(
+        "mark",
+        "pusher",
+        &[
+            OsStr::new("--htpasswd"),
+            etc.join("httpd.htpasswd").as_os_str(),
+            OsStr::new("--groups"),
+            etc.join("httpd.groups").as_os_str(),
+        ],
+    );
     let data = tmp.path().join("data");
     let files = tomls_in(&repo().join("deploy/container"));
     assert!(
