@@ -8,7 +8,9 @@
 //!   they create are not tracked files of `examples/`;
 //! * `certs-example/trust/` works as `--cert-dir` for skopeo and podman (and the
 //!   script's own directory does not, which is why it exists);
-//! * the all-in-one example lets a pusher delete, as its comment says.
+//! * the all-in-one example lets a pusher delete, as its comment says;
+//! * in front of `registry:2`, deletes pass only once its `storage.delete.enabled` is
+//!   set, as deploy/MIGRATING.md says (before, its 405 `UNSUPPORTED` reaches the client).
 
 mod common;
 
@@ -406,4 +408,64 @@ async fn the_all_in_one_example_lets_a_pusher_delete() {
         .await
         .assert_oci_error(404);
     drop(served.process);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_2_upstream_takes_deletes_only_with_storage_delete_enabled() {
+    // What deploy/MIGRATING.md tells people who front registry:2.
+    let migrating =
+        std::fs::read_to_string(repo().join("deploy/MIGRATING.md")).expect("read MIGRATING.md");
+    for needle in [
+        "storage.delete.enabled",
+        "REGISTRY_STORAGE_DELETE_ENABLED=true",
+    ] {
+        assert!(
+            migrating.contains(needle),
+            "deploy/MIGRATING.md does not say {needle}"
+        );
+    }
+    let storage = tempfile::tempdir().expect("tempdir");
+    for (enabled, expected) in [(false, 405), (true, 202)] {
+        let delete = if enabled {
+            "  delete:\n    enabled: true\n"
+        } else {
+            ""
+        };
+        let root = storage.path().join(format!("delete-{enabled}"));
+        std::fs::create_dir_all(&root).expect("mkdir");
+        let stack = common::Stack::start_with(common::StackOptions {
+            upstream: common::upstream::UpstreamOptions {
+                storage_yaml: Some(format!(
+                    "storage:\n  filesystem:\n    rootdirectory: {}\n{delete}",
+                    root.display()
+                )),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await;
+        let image = push_image(
+            &stack.pusher(),
+            "first-hour/front",
+            "v1",
+            &[common::pseudo_random_bytes(2048, 15)],
+            UploadMode::Monolithic,
+        )
+        .await;
+        let path = format!("/v2/first-hour/front/manifests/{}", image.manifest_digest);
+        let resp = stack.pusher().request("DELETE", &path, &[], empty()).await;
+        if expected == 405 {
+            let codes = resp.assert_oci_error(405);
+            assert!(codes.contains(&"UNSUPPORTED".to_owned()), "{codes:?}");
+            let still =
+                get_manifest(&stack.client(), "first-hour/front", &image.manifest_digest).await;
+            assert_eq!(still.status, 200, "refused, so still there");
+        } else {
+            assert_eq!(resp.status, 202, "{}", resp.text());
+            get_manifest(&stack.client(), "first-hour/front", &image.manifest_digest)
+                .await
+                .assert_oci_error(404);
+        }
+        stack.gate.stop().await;
+    }
 }
