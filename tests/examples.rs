@@ -1,8 +1,13 @@
 //! The shipped configurations and deploy files are valid: every `examples/*.toml` and
 //! `deploy/container/*.toml` loads with `Config::load` and passes
 //! `registry-gate check-config` (the object-store example against a real Garage
-//! cluster, its endpoint and key put in); the systemd unit passes `systemd-analyze verify`; the
-//! certbot deploy hook is quiet and exits 0 when the gate is not running.
+//! cluster, its endpoint and key put in); the container configurations have `[admin]`
+//! and the image's `HEALTHCHECK` command, run against the real binary serving each of
+//! them, says healthy (and unhealthy once the gate or its upstream is gone); the root
+//! `.dockerignore` keeps `target/`, `registry-data/` and the local keys and password
+//! files out of the build context of docker 20.10's classic builder (a real dockerd);
+//! the systemd unit passes `systemd-analyze verify`; the certbot deploy hook is quiet
+//! and exits 0 when the gate is not running.
 //!
 //! The example files point at `../certs-example/*.pem` and at password files beside
 //! them, which are generated, never committed: each test copies what it needs into a
@@ -355,4 +360,236 @@ fn certbot_deploy_hook_is_quiet_and_exits_0_when_the_gate_is_not_running() {
     let (out, _) = run("0", "1");
     assert!(!out.status.success());
     assert!(!out.stderr.is_empty());
+}
+
+/// The exec-form command of the Dockerfile's `HEALTHCHECK`, and its options.
+fn dockerfile_healthcheck() -> (Vec<String>, String) {
+    let text = fs::read_to_string(repo().join("deploy/Dockerfile")).expect("read Dockerfile");
+    let joined = text.replace("\\\n", " ");
+    let line = joined
+        .lines()
+        .find(|l| l.trim_start().starts_with("HEALTHCHECK"))
+        .expect("deploy/Dockerfile has a HEALTHCHECK");
+    let (options, command) = line.split_once("CMD").expect("HEALTHCHECK ... CMD [...]");
+    let command: Vec<String> = serde_json::from_str(command.trim()).unwrap_or_else(|e| {
+        panic!("HEALTHCHECK CMD is not exec form (no shell in the image): {e}")
+    });
+    (command, options.to_owned())
+}
+
+/// Run the Dockerfile's HEALTHCHECK command with the binary under test and `config`.
+fn run_image_healthcheck(config: &Path) -> Output {
+    let (command, _) = dockerfile_healthcheck();
+    assert_eq!(command[0], "/usr/local/bin/registry-gate", "{command:?}");
+    let args: Vec<String> = command[1..]
+        .iter()
+        .map(|a| {
+            if a == "/etc/registry-gate/config.toml" {
+                config.display().to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    assert!(
+        args.iter().any(|a| *a == config.display().to_string()),
+        "the HEALTHCHECK names the image's config file: {command:?}"
+    );
+    tokio::task::block_in_place(|| {
+        Command::new(BIN)
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the HEALTHCHECK command")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_healthcheck_asks_readyz_of_each_container_config() {
+    let (_, options) = dockerfile_healthcheck();
+    assert!(
+        options.contains("--timeout=5s"),
+        "docker's timeout leaves the command's own (3 s) room: {options}"
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let certs = tmp.path().join("letsencrypt/live/registry.example.org");
+    make_certs(&certs);
+    let mut upstream = common::upstream::Upstream::start(
+        &tmp.path().join("upstream"),
+        common::upstream::UpstreamOptions::default(),
+    );
+    for file in tomls_in(&repo().join("deploy/container")) {
+        let name = file
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        let text = fs::read_to_string(&file).expect("read");
+        for expected in [
+            "\n[admin]\n",
+            "listen = \"127.0.0.1:9090\"",
+            "listen = \"0.0.0.0:5043\"",
+        ] {
+            assert!(text.contains(expected), "{name} has no {expected:?}");
+        }
+        // The same file with this test's paths and ports.
+        let etc = tmp.path().join(name.trim_end_matches(".toml"));
+        fs::create_dir_all(&etc).expect("mkdir");
+        user_add(
+            "mark",
+            "pusher",
+            &[
+                OsStr::new("--htpasswd"),
+                etc.join("httpd.htpasswd").as_os_str(),
+                OsStr::new("--groups"),
+                etc.join("httpd.groups").as_os_str(),
+            ],
+        );
+        let listen = common::upstream::free_loopback_port();
+        let admin = common::upstream::free_loopback_port();
+        let text = text
+            .replace(
+                "/etc/letsencrypt/live/registry.example.org/",
+                &format!("{}/", certs.display()),
+            )
+            .replace(
+                "\"/var/lib/registry\"",
+                &format!("{:?}", etc.join("data").display().to_string()),
+            )
+            .replace("http://registry:5000", &upstream.url())
+            .replace("127.0.0.1:9090", &admin.to_string())
+            .replace("0.0.0.0:5043", &listen.to_string());
+        let config = etc.join("config.toml");
+        fs::write(&config, text).expect("write");
+        let client = common::client::Client::new(listen, &[&certs.join("ca.crt")]);
+        let mut gate = common::registry::Process::spawn(&config, listen, &etc.join("gate.log"));
+        gate.wait_ready(&client).await;
+
+        let out = common::eventually(&format!("{name}: HEALTHCHECK says healthy"), || async {
+            let out = run_image_healthcheck(&config);
+            out.status.success().then_some(out)
+        })
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.starts_with(&format!("healthy: /readyz on {admin}: ready")),
+            "{name}: the HEALTHCHECK asked /readyz: {stdout}"
+        );
+
+        // And it says so when the gate cannot serve: the upstream gone (front), or
+        // the gate itself.
+        if name.starts_with("front") {
+            upstream.stop();
+            let out = run_image_healthcheck(&config);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{name}, upstream down: {stderr}"
+            );
+            assert!(stderr.contains("not ready"), "{name}: {stderr}");
+            upstream.restart();
+        }
+        gate.kill9();
+        let out = run_image_healthcheck(&config);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}, gate killed: {stderr}");
+        assert!(stderr.contains("nothing answers"), "{name}: {stderr}");
+    }
+}
+
+#[test]
+fn the_root_dockerignore_keeps_the_classic_builders_context_to_the_sources() {
+    // A copy of the repository's shape with what must never be sent, built by docker
+    // 20.10's classic builder (DOCKER_BUILDKIT=0), which reads only ./.dockerignore.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let context = tmp.path().join("context");
+    let files: &[(&str, &[u8])] = &[
+        ("Cargo.toml", b"[package]\n"),
+        ("Cargo.lock", b"# lock\n"),
+        ("src/main.rs", b"fn main() {}\n"),
+        ("src/registry/mod.rs", b"\n"),
+        ("target/debug/registry-gate", &[0u8; 4096]),
+        ("registry-data/docker/registry/v2/blobs/x", b"layer\n"),
+        ("certs-example/ca.key", b"secret\n"),
+        ("examples/httpd.htpasswd", b"mark:$2y$\n"),
+        (".git/HEAD", b"ref: refs/heads/main\n"),
+        ("deploy/Dockerfile", b"FROM scratch\nCOPY . /context/\n"),
+    ];
+    for (name, data) in files {
+        let path = context.join(name);
+        fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        fs::write(&path, data).expect("write");
+    }
+    for ignore in [".dockerignore", "deploy/Dockerfile.dockerignore"] {
+        let from = repo().join(ignore);
+        if from.is_file() {
+            fs::copy(&from, context.join(ignore)).expect("copy dockerignore");
+        }
+    }
+
+    let mut containerd = common::containerd::Containerd::start(&tmp.path().join("containerd"));
+    let docker = common::docker::Docker::start(&tmp.path().join("docker"), &mut containerd);
+    let cfg = tmp.path().join("docker-config");
+    let context_arg = context.display().to_string();
+    let dockerfile = context.join("deploy/Dockerfile").display().to_string();
+    for (builder, buildkit) in [("classic builder", "0"), ("BuildKit", "1")] {
+        let tag = format!("first-hour-context:buildkit{buildkit}");
+        let built = docker.cli_with_env(
+            &cfg,
+            &[("DOCKER_BUILDKIT", buildkit)],
+            &["build", "-f", &dockerfile, "-t", &tag, &context_arg],
+            None,
+        );
+        assert!(
+            built.success(),
+            "docker build ({builder}): {}",
+            built.describe()
+        );
+        let name = format!("context-{buildkit}");
+        let created = docker.cli(&cfg, &["create", "--name", &name, &tag, "/none"], None);
+        assert!(created.success(), "{}", created.describe());
+        let tar = tmp.path().join(format!("{name}.tar"));
+        let exported = docker.cli(
+            &cfg,
+            &["export", "-o", tar.to_str().expect("utf-8"), &name],
+            None,
+        );
+        assert!(exported.success(), "{}", exported.describe());
+        let listed = common::command("tar", "tar")
+            .arg("-tf")
+            .arg(&tar)
+            .output()
+            .expect("run tar");
+        let listing = String::from_utf8_lossy(&listed.stdout);
+        let sent: Vec<&str> = listing
+            .lines()
+            .filter_map(|l| l.strip_prefix("context/"))
+            .filter(|l| !l.is_empty())
+            .collect();
+        for wanted in [
+            "Cargo.toml",
+            "Cargo.lock",
+            "src/main.rs",
+            "src/registry/mod.rs",
+        ] {
+            assert!(
+                sent.contains(&wanted),
+                "{builder}: the build needs {wanted}; the context had {sent:?}"
+            );
+        }
+        for kept_out in [
+            "target",
+            "registry-data",
+            "certs-example",
+            "examples",
+            ".git",
+        ] {
+            assert!(
+                !sent.iter().any(|s| s.starts_with(kept_out)),
+                "{builder}: {kept_out}/ was sent as build context: {sent:?}"
+            );
+        }
+    }
 }

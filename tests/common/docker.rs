@@ -128,9 +128,21 @@ impl Docker {
 
     /// `docker -H unix://SOCKET ARGS` with `DOCKER_CONFIG=config_dir`.
     pub fn cli(&self, config_dir: &Path, args: &[&str], stdin: Option<&str>) -> Run {
+        self.cli_with_env(config_dir, &[], args, stdin)
+    }
+
+    /// `cli` with these environment variables too (e.g. `DOCKER_BUILDKIT=0`).
+    pub fn cli_with_env(
+        &self,
+        config_dir: &Path,
+        env: &[(&str, &str)],
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Run {
         std::fs::create_dir_all(config_dir).expect("create DOCKER_CONFIG");
         let mut command = Command::new(&self.cli);
         command
+            .envs(env.iter().copied())
             .env("DOCKER_CONFIG", config_dir)
             .arg("-H")
             .arg(format!("unix://{}", self.socket.display()))
