@@ -6,8 +6,10 @@
 //! them, says healthy (and unhealthy once the gate or its upstream is gone); the root
 //! `.dockerignore` keeps `target/`, `registry-data/` and the local keys and password
 //! files out of the build context of docker 20.10's classic builder (a real dockerd);
-//! the systemd unit passes `systemd-analyze verify`; the certbot deploy hook is quiet
-//! and exits 0 when the gate is not running.
+//! the systemd unit passes `systemd-analyze verify` alone (front mode: no
+//! `StateDirectory=`, so `/var/lib/registry` is never chowned) and with the
+//! all-in-one drop-in that has it; the certbot deploy hook is quiet and exits 0 when
+//! the gate is not running.
 //!
 //! The example files point at `../certs-example/*.pem` and at password files beside
 //! them, which are generated, never committed: each test copies what it needs into a
@@ -592,4 +594,77 @@ fn the_root_dockerignore_keeps_the_classic_builders_context_to_the_sources() {
             );
         }
     }
+}
+
+#[test]
+fn the_unit_has_no_state_directory_and_the_all_in_one_drop_in_does() {
+    let analyze = Command::new("systemd-analyze").arg("--version").output();
+    assert!(
+        analyze.is_ok_and(|o| o.status.success()),
+        "systemd-analyze not found: apt-get install systemd"
+    );
+    // Active settings of a unit file: key → values, comments left out.
+    let settings = |text: &str, key: &str| -> Vec<String> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.starts_with('#') && !l.starts_with(';'))
+            .filter_map(|l| l.split_once('='))
+            .filter(|(k, _)| k.trim() == key)
+            .map(|(_, v)| v.trim().to_owned())
+            .collect()
+    };
+    let unit = fs::read_to_string(repo().join("deploy/registry-gate.service")).expect("read unit");
+    assert_eq!(
+        settings(&unit, "StateDirectory"),
+        Vec::<String>::new(),
+        "in front mode the unit must not create or chown /var/lib/registry"
+    );
+    let drop_in_path = repo().join("deploy/registry-gate.service.d/all-in-one.conf");
+    let drop_in = fs::read_to_string(&drop_in_path).expect("read the all-in-one drop-in");
+    assert_eq!(settings(&drop_in, "StateDirectory"), ["registry"]);
+    assert_eq!(settings(&drop_in, "StateDirectoryMode"), ["0750"]);
+
+    // systemd-analyze verify reads the drop-in beside a unit; a deliberately broken
+    // copy proves that it does, then the shipped one passes without a warning.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("registry-gate.service");
+    fs::write(&path, unit.replace("/usr/local/bin/registry-gate", BIN)).expect("write");
+    let dir = tmp.path().join("registry-gate.service.d");
+    fs::create_dir_all(&dir).expect("mkdir");
+    let verify = || {
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .expect("run systemd-analyze verify");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    fs::write(
+        dir.join("all-in-one.conf"),
+        format!("{drop_in}\nNoSuchSetting=1\n"),
+    )
+    .expect("write");
+    let (_, stderr) = verify();
+    assert!(
+        stderr.contains("all-in-one.conf") && stderr.contains("NoSuchSetting"),
+        "systemd-analyze verify did not read the drop-in:\n{stderr}"
+    );
+    fs::write(dir.join("all-in-one.conf"), &drop_in).expect("write");
+    let (ok, stderr) = verify();
+    assert!(
+        ok,
+        "systemd-analyze verify with the drop-in failed:\n{stderr}"
+    );
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("registry-gate.service"))
+        .collect();
+    assert!(
+        ours.is_empty(),
+        "systemd-analyze verify warns:\n{}",
+        ours.join("\n")
+    );
 }
