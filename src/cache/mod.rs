@@ -745,11 +745,7 @@ impl Writer {
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
-    async fn write(
-        &self,
-        mut file: tokio::fs::File,
-        rx: &mut mpsc::Receiver<Bytes>,
-    ) -> bool {
+    async fn write(&self, mut file: tokio::fs::File, rx: &mut mpsc::Receiver<Bytes>) -> bool {
         use sha2::Digest as _;
         use tokio::io::AsyncWriteExt as _;
         let mut hash = sha2::Sha256::new();
