@@ -258,3 +258,105 @@ async fn refused_writes_with_a_body_are_answered_in_front() {
     .expect("join");
     stack.gate.stop().await;
 }
+
+/// skopeo (Go's HTTP client) shown the gate's refusals: each failure carries the
+/// gate's own message, so the answer arrived.
+async fn check_with_skopeo(
+    gate: &common::gate::Gate,
+    ca: &std::path::Path,
+    dir: &std::path::Path,
+    deletes_disabled: bool,
+) {
+    use common::skopeo::Skopeo;
+    let pusher = common::client::Client::new(gate.addr, &[ca])
+        .with_basic(common::PUSHER.0, common::PUSHER.1);
+    common::image::push_image(
+        &pusher,
+        "h2/src",
+        "v1",
+        &[common::pseudo_random_bytes(3000, 9)],
+        common::image::UploadMode::Monolithic,
+    )
+    .await;
+    let skopeo = Skopeo::new(&dir.join("skopeo"), ca);
+    let host = gate.authority();
+    let src = format!("docker://{host}/h2/src:v1");
+    let dest = format!("docker://{host}/h2/app:t");
+    let viewer = format!("{}:{}", common::VIEWER.0, common::VIEWER.1);
+    let wrong = format!("{}:wrong-password", common::PUSHER.0);
+    let pusher_creds = format!("{}:{}", common::PUSHER.0, common::PUSHER.1);
+    let cert_dir = skopeo.cert_dir().to_owned();
+    let copy = |creds: &str| {
+        vec![
+            "copy".to_owned(),
+            "--src-cert-dir".into(),
+            cert_dir.clone(),
+            "--dest-cert-dir".into(),
+            cert_dir.clone(),
+            "--dest-creds".into(),
+            creds.to_owned(),
+            src.clone(),
+            dest.clone(),
+        ]
+    };
+    let mut cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "404",
+            vec![
+                "inspect".into(),
+                "--cert-dir".into(),
+                cert_dir.clone(),
+                format!("docker://{host}/h2/none:latest"),
+            ],
+            "manifest unknown",
+        ),
+        ("401", copy(&wrong), "invalid user name or password"),
+        (
+            "403",
+            copy(&viewer),
+            "requested access to the resource is denied",
+        ),
+    ];
+    if deletes_disabled {
+        // The built-in registry with [storage] delete = false.
+        cases.push((
+            "405",
+            vec![
+                "delete".into(),
+                "--cert-dir".into(),
+                cert_dir.clone(),
+                "--creds".into(),
+                pusher_creds.clone(),
+                src.clone(),
+            ],
+            "deletes are disabled on this registry",
+        ));
+    }
+    for (status, args, message) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = tokio::task::block_in_place(|| skopeo.run(&args));
+        let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(
+            !out.status.success(),
+            "skopeo {status} case succeeded: {err}"
+        );
+        assert!(
+            err.contains(&message.to_lowercase()),
+            "skopeo {status}: the gate's message {message:?} in: {err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_go_client_sees_the_refusals_built_in() {
+    let aio = AllInOne::start().await;
+    check_with_skopeo(&aio.gate, &aio.ca.cert, aio.dir.path(), true).await;
+    aio.gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_go_client_sees_the_refusals_in_front() {
+    let stack = Stack::start().await;
+    check_with_skopeo(&stack.gate, &stack.ca.cert, stack.dir.path(), false).await;
+    stack.gate.stop().await;
+}

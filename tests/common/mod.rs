@@ -249,7 +249,17 @@ impl PseudoRandom {
 }
 
 /// Poll `probe` until it yields `Some`, failing the test with `what` after `DEADLINE`.
-pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    eventually_within(what, DEADLINE, probe).await
+}
+
+/// `eventually` with its own deadline, for waits on slow real components (a Garage
+/// cluster under the load of the whole suite).
+pub async fn eventually_within<T, F, Fut>(what: &str, deadline: Duration, mut probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -259,8 +269,8 @@ where
         if let Some(value) = probe().await {
             return value;
         }
-        if start.elapsed() > DEADLINE {
-            panic!("gave up after {DEADLINE:?} waiting for: {what}");
+        if start.elapsed() > deadline {
+            panic!("gave up after {deadline:?} waiting for: {what}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
