@@ -132,20 +132,7 @@ pub fn del_user(htpasswd: &Path, groups: &Path, name: &str) -> Result<(), UserEr
 
     if let (true, Some(text)) = (in_groups, &group_text) {
         let mut lines = Lines::new(text);
-        for index in 0..lines.len() {
-            let Some(Some((group, members))) = groups::split_group_line(lines.get(index)) else {
-                continue;
-            };
-            if !members.split_whitespace().any(|m| m == name) {
-                continue;
-            }
-            let kept: Vec<&str> = members.split_whitespace().filter(|&m| m != name).collect();
-            let line = match kept.is_empty() {
-                true => format!("{group}:"),
-                false => format!("{group}: {}", kept.join(" ")),
-            };
-            lines.set(index, line);
-        }
+        drop_member(&mut lines, name, |_| true);
         write_atomic(groups, &lines.to_text())?;
     }
 
@@ -209,20 +196,7 @@ pub fn set_groups(
     let group_text = read_optional(groups)?.unwrap_or_default();
     Groups::parse(&group_text, groups)?;
     let mut lines = Lines::new(&group_text);
-    for index in 0..lines.len() {
-        let Some(Some((group, members))) = groups::split_group_line(lines.get(index)) else {
-            continue;
-        };
-        if !remove.iter().any(|r| r == group) {
-            continue;
-        }
-        let kept: Vec<&str> = members.split_whitespace().filter(|&m| m != name).collect();
-        let line = match kept.is_empty() {
-            true => format!("{group}:"),
-            false => format!("{group}: {}", kept.join(" ")),
-        };
-        lines.set(index, line);
-    }
+    drop_member(&mut lines, name, |group| remove.iter().any(|r| r == group));
     let mut done = std::collections::BTreeSet::new();
     for group in add {
         if !done.insert(group) {
@@ -242,6 +216,25 @@ pub fn set_groups(
         }
     }
     write_atomic(groups, &lines.to_text())
+}
+
+/// Remove `name` from the member lists of the groups `which` picks; lines where it
+/// is not a member stay as they were.
+fn drop_member(lines: &mut Lines, name: &str, which: impl Fn(&str) -> bool) {
+    for index in 0..lines.len() {
+        let Some(Some((group, members))) = groups::split_group_line(lines.get(index)) else {
+            continue;
+        };
+        if !which(group) || !members.split_whitespace().any(|m| m == name) {
+            continue;
+        }
+        let kept: Vec<&str> = members.split_whitespace().filter(|&m| m != name).collect();
+        let line = match kept.is_empty() {
+            true => format!("{group}:"),
+            false => format!("{group}: {}", kept.join(" ")),
+        };
+        lines.set(index, line);
+    }
 }
 
 /// What `user del` leaves in a password file when it removes the last user.

@@ -32,6 +32,20 @@ fn config_for_binary(stack: &Stack, listen: std::net::SocketAddr, extra_upstream
         .replace("[upstream]\n", &format!("[upstream]\n{extra_upstream}"))
 }
 
+/// `registry-gate serve --config CONFIG`, its output (both streams) into `log`.
+fn spawn_serve(config: &std::path::Path, log: &std::path::Path) -> Child {
+    let log_file = std::fs::File::create(log).expect("create log");
+    Command::new(BINARY)
+        .args(["serve", "--config"])
+        .arg(config)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().expect("clone log"))
+        .stderr(log_file)
+        .spawn()
+        .expect("start registry-gate serve")
+}
+
 struct Running {
     child: Option<Child>,
 }
@@ -75,16 +89,7 @@ async fn the_binary_serves_and_exits_0_on_sigterm_after_draining() {
     let config = stack.path("binary.toml");
     std::fs::write(&config, config_for_binary(&stack, listen, "")).expect("write config");
     let log = stack.path("binary.log");
-    let log_file = std::fs::File::create(&log).expect("create log");
-    let child = Command::new(BINARY)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone().expect("clone log"))
-        .stderr(log_file)
-        .spawn()
-        .expect("start registry-gate serve");
+    let child = spawn_serve(&config, &log);
     let mut running = Running { child: Some(child) };
     let pid = running.child.as_ref().expect("child").id();
 
@@ -335,16 +340,7 @@ async fn a_half_done_renewal_warns_and_a_lasting_mismatch_is_an_error() {
     let config = stack.path("renewal.toml");
     std::fs::write(&config, config_for_binary(&stack, listen, "")).expect("write config");
     let log = stack.path("renewal.log");
-    let log_file = std::fs::File::create(&log).expect("create log");
-    let child = Command::new(BINARY)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone().expect("clone log"))
-        .stderr(log_file)
-        .spawn()
-        .expect("start registry-gate serve");
+    let child = spawn_serve(&config, &log);
     let _running = Running { child: Some(child) };
     let renewed = stack
         .ca
