@@ -231,6 +231,58 @@ fn check_refused_writes(base: &str, ca: &std::path::Path) {
     }
 }
 
+/// A manifest over the 4 MiB limit, from a pusher: 413 over both protocols.
+fn check_too_large(base: &str, ca: &std::path::Path) {
+    let body = std::env::temp_dir().join(format!("rg-h2-large-{}", std::process::id()));
+    std::fs::write(&body, vec![b' '; 5 * 1024 * 1024]).expect("write body");
+    let pusher = format!("{}:{}", common::PUSHER.0, common::PUSHER.1);
+    for version in ["--http2", "--http1.1"] {
+        let out = command("curl", "curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                version,
+                "-X",
+                "PUT",
+            ])
+            .args([
+                "-H",
+                "Content-Type: application/vnd.oci.image.manifest.v1+json",
+            ])
+            .arg("--data-binary")
+            .arg(format!("@{}", body.display()))
+            .arg("--cacert")
+            .arg(ca)
+            .args(["-u", &pusher])
+            .arg(format!("{base}/v2/h2/app/manifests/big"))
+            .output()
+            .expect("run curl");
+        assert_eq!(
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            ),
+            (0, "413".to_owned()),
+            "curl {version} PUT of a 5 MiB manifest: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_too_large_manifest_is_answered_413_built_in() {
+    let aio = AllInOne::start().await;
+    let base = aio.gate.base_url();
+    let ca = aio.ca.cert.clone();
+    tokio::task::spawn_blocking(move || check_too_large(&base, &ca))
+        .await
+        .expect("join");
+    aio.gate.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refused_writes_with_a_body_are_answered_built_in() {
     let aio = AllInOne::start().await;
