@@ -641,9 +641,15 @@ impl Config {
             message,
         };
         let readable = |key: &'static str, p: &Path| -> Result<(), ConfigError> {
-            std::fs::File::open(p)
-                .map(drop)
-                .map_err(|e| invalid(key, format!("{}: {e}", p.display())))
+            std::fs::File::open(p).map(drop).map_err(|e| {
+                let hint = match e.kind() {
+                    std::io::ErrorKind::PermissionDenied => {
+                        format!("; {}", crate::tls::who_may_read(p))
+                    }
+                    _ => String::new(),
+                };
+                invalid(key, format!("{}: {e}{hint}", p.display()))
+            })
         };
         readable("tls.certificate", &self.tls.certificate)?;
         readable("tls.private_key", &self.tls.private_key)?;

@@ -103,7 +103,7 @@ fn pem_message(e: &rustls::pki_types::pem::Error) -> String {
 }
 
 /// For a key the gate may not read: who the gate runs as, and what would let it.
-fn who_may_read(path: &Path) -> String {
+pub(crate) fn who_may_read(path: &Path) -> String {
     let uid = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

@@ -549,3 +549,57 @@ async fn healthcheck_with_admin_asks_readyz() {
         "stderr",
     );
 }
+
+/// A key the gate's user may not read: the message says who the gate runs as and
+/// which group needs read access. (The tests run as root, so `check-config` runs as
+/// `nobody` here, with `setpriv` from util-linux.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_key_names_the_user_and_the_group() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let stack = Stack::start().await;
+    let dir = stack.path("perm");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let files = &stack.gate.files;
+    for (from, name, mode) in [
+        (&files.certificate, "fullchain.pem", 0o644),
+        (&files.private_key, "privkey.pem", 0o600),
+    ] {
+        let to = dir.join(name);
+        std::fs::copy(from, &to).expect("copy");
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    let config = dir.join("gate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncertificate = {:?}\nprivate_key = {:?}\n[upstream]\nurl = \"http://127.0.0.1:5000\"\n",
+            dir.join("fullchain.pem"),
+            dir.join("privkey.pem")
+        ),
+    )
+    .expect("config");
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    // Every directory on the way must be open to `nobody`.
+    let mut p = dir.clone();
+    loop {
+        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755));
+        if p == stack.dir.path() || !p.pop() {
+            break;
+        }
+    }
+    let out = command("setpriv", "util-linux")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", BINARY])
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("tls.private_key")
+            && stderr.contains("Permission denied")
+            && stderr.contains("uid 65534")
+            && stderr.contains("put that user in group root"),
+        "the message names the key, the user and the group: {stderr}"
+    );
+}
