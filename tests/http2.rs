@@ -415,3 +415,38 @@ async fn a_go_client_sees_the_refusals_in_front() {
     check_with_skopeo(&stack.gate, &stack.ca.cert, stack.dir.path(), false).await;
     stack.gate.stop().await;
 }
+
+/// An `[[immutable]]` refusal (the check reads the manifest first) is answered over
+/// HTTP/2 too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_immutable_tag_refusal_is_answered_over_http2() {
+    let aio = AllInOne::start_with(common::registry::AllInOneOptions {
+        extra_tables: "[[immutable]]\nrepositories = [\"**\"]\ntags = [\"v*\"]\n".into(),
+        ..common::registry::AllInOneOptions::default()
+    })
+    .await;
+    common::image::push_image(
+        &aio.pusher(),
+        "h2/app",
+        "v1",
+        &[common::pseudo_random_bytes(2000, 5)],
+        common::image::UploadMode::Monolithic,
+    )
+    .await;
+    let base = aio.gate.base_url();
+    let ca = aio.ca.cert.clone();
+    let pusher = format!("{}:{}", common::PUSHER.0, common::PUSHER.1);
+    let (code, status, err) = tokio::task::spawn_blocking(move || {
+        curl_write(
+            "--http2",
+            &ca,
+            "PUT",
+            &format!("{base}/v2/h2/app/manifests/v1"),
+            Some(&pusher),
+        )
+    })
+    .await
+    .expect("join");
+    assert_eq!((code, status.as_str()), (0, "403"), "{err}");
+    aio.gate.stop().await;
+}
