@@ -474,8 +474,9 @@ impl Worker {
 
     /// Post one event until the listener takes it.
     async fn deliver(&self, event: &Event, labels: &EndpointLabels) {
+        // Encoded once; each attempt shares the bytes.
         let body = match serde_json::to_vec(&Envelope { events: [event] }) {
-            Ok(b) => b,
+            Ok(b) => bytes::Bytes::from(b),
             Err(e) => {
                 tracing::error!(endpoint = %self.name, "cannot encode an event: {e}");
                 return;

@@ -570,11 +570,10 @@ pub fn spawn_reloader(
 mod tests {
     use super::*;
 
-    #[test]
-    fn reads_not_after() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let key = dir.path().join("k.pem");
-        let cert = dir.path().join("c.pem");
+    /// A self-signed P-256 pair made by openssl in `dir`, with these extra
+    /// `openssl req` arguments (subject, days, extensions).
+    fn self_signed(dir: &Path, args: &[&str]) -> CertifiedKey {
+        let (key, cert) = (dir.join("k.pem"), dir.join("c.pem"));
         let status = std::process::Command::new("openssl")
             .args([
                 "req",
@@ -583,19 +582,23 @@ mod tests {
                 "ec",
                 "-pkeyopt",
                 "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-subj",
-                "/CN=t",
             ])
+            .arg("-nodes")
+            .args(args)
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
             .arg(&cert)
-            .args(["-days", "10"])
             .status()
             .expect("openssl (apt-get install openssl)");
         assert!(status.success());
-        let pair = load_pair(&cert, &key).expect("pair");
+        load_pair(&cert, &key).expect("pair")
+    }
+
+    #[test]
+    fn reads_not_after() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pair = self_signed(dir.path(), &["-subj", "/CN=t", "-days", "10"]);
         let t = not_after(pair.cert[0].as_ref()).expect("notAfter");
         let now = crate::auth::token::now_secs() as i64;
         assert!((t - now - 10 * 86_400).abs() < 120, "{t} vs {now}");
@@ -606,30 +609,18 @@ mod tests {
     #[test]
     fn summary_names_sans_and_warns() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let key = dir.path().join("k.pem");
-        let cert = dir.path().join("c.pem");
-        let status = std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ])
-            .args(["-nodes", "-subj", "/CN=reg.example.org", "-days", "30"])
-            .args([
+        let pair = self_signed(
+            dir.path(),
+            &[
+                "-subj",
+                "/CN=reg.example.org",
+                "-days",
+                "30",
                 "-addext",
                 "subjectAltName=DNS:reg.example.org,DNS:*.apps.example.org,IP:127.0.0.1",
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .status()
-            .expect("openssl (apt-get install openssl)");
-        assert!(status.success());
-        let summary = summarize(&load_pair(&cert, &key).expect("pair"));
+            ],
+        );
+        let summary = summarize(&pair);
         assert_eq!(summary.subject_cn, "reg.example.org");
         assert_eq!(
             summary.sans,

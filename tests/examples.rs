@@ -270,29 +270,29 @@ fn container_configs_pass_check_config_where_their_paths_exist() {
     }
 }
 
-#[test]
-fn systemd_unit_passes_systemd_analyze_verify() {
+fn require_systemd_analyze() {
     let analyze = Command::new("systemd-analyze").arg("--version").output();
     assert!(
         analyze.is_ok_and(|o| o.status.success()),
         "systemd-analyze not found: apt-get install systemd"
     );
-    // verify checks that ExecStart= names an executable: point it at the test build.
-    let unit = fs::read_to_string(repo().join("deploy/registry-gate.service")).expect("read");
-    assert!(unit.contains("ExecStart=/usr/local/bin/registry-gate serve"));
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let path = tmp.path().join("registry-gate.service");
-    fs::write(&path, unit.replace("/usr/local/bin/registry-gate", BIN)).expect("write");
+}
+
+/// `systemd-analyze verify UNIT` (drop-ins beside it included): success, stderr.
+fn verify_unit(path: &Path) -> (bool, String) {
     let out = Command::new("systemd-analyze")
         .arg("verify")
-        .arg(&path)
+        .arg(path)
         .output()
         .expect("run systemd-analyze verify");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
+    (
         out.status.success(),
-        "systemd-analyze verify failed:\n{stderr}"
-    );
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// No line of `systemd-analyze verify`'s output is about our unit.
+fn assert_no_unit_warnings(stderr: &str) {
     let ours: Vec<&str> = stderr
         .lines()
         .filter(|l| l.contains("registry-gate.service"))
@@ -302,6 +302,20 @@ fn systemd_unit_passes_systemd_analyze_verify() {
         "systemd-analyze verify warns:\n{}",
         ours.join("\n")
     );
+}
+
+#[test]
+fn systemd_unit_passes_systemd_analyze_verify() {
+    require_systemd_analyze();
+    // verify checks that ExecStart= names an executable: point it at the test build.
+    let unit = fs::read_to_string(repo().join("deploy/registry-gate.service")).expect("read");
+    assert!(unit.contains("ExecStart=/usr/local/bin/registry-gate serve"));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("registry-gate.service");
+    fs::write(&path, unit.replace("/usr/local/bin/registry-gate", BIN)).expect("write");
+    let (ok, stderr) = verify_unit(&path);
+    assert!(ok, "systemd-analyze verify failed:\n{stderr}");
+    assert_no_unit_warnings(&stderr);
 }
 
 #[test]
@@ -598,11 +612,7 @@ fn the_root_dockerignore_keeps_the_classic_builders_context_to_the_sources() {
 
 #[test]
 fn the_unit_has_no_state_directory_and_the_all_in_one_drop_in_does() {
-    let analyze = Command::new("systemd-analyze").arg("--version").output();
-    assert!(
-        analyze.is_ok_and(|o| o.status.success()),
-        "systemd-analyze not found: apt-get install systemd"
-    );
+    require_systemd_analyze();
     // Active settings of a unit file: key → values, comments left out.
     let settings = |text: &str, key: &str| -> Vec<String> {
         text.lines()
@@ -631,17 +641,7 @@ fn the_unit_has_no_state_directory_and_the_all_in_one_drop_in_does() {
     fs::write(&path, unit.replace("/usr/local/bin/registry-gate", BIN)).expect("write");
     let dir = tmp.path().join("registry-gate.service.d");
     fs::create_dir_all(&dir).expect("mkdir");
-    let verify = || {
-        let out = Command::new("systemd-analyze")
-            .arg("verify")
-            .arg(&path)
-            .output()
-            .expect("run systemd-analyze verify");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let verify = || verify_unit(&path);
     fs::write(
         dir.join("all-in-one.conf"),
         format!("{drop_in}\nNoSuchSetting=1\n"),
@@ -658,13 +658,5 @@ fn the_unit_has_no_state_directory_and_the_all_in_one_drop_in_does() {
         ok,
         "systemd-analyze verify with the drop-in failed:\n{stderr}"
     );
-    let ours: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains("registry-gate.service"))
-        .collect();
-    assert!(
-        ours.is_empty(),
-        "systemd-analyze verify warns:\n{}",
-        ours.join("\n")
-    );
+    assert_no_unit_warnings(&stderr);
 }

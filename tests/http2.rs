@@ -5,11 +5,20 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
+
 use common::registry::AllInOne;
 use common::{Stack, command};
 
+/// Run a blocking check (curl, nghttp) against the gate at `base`, trusting `ca`.
+async fn blocking(base: String, ca: PathBuf, check: impl FnOnce(&str, &Path) + Send + 'static) {
+    tokio::task::spawn_blocking(move || check(&base, &ca))
+        .await
+        .expect("join");
+}
+
 /// `curl -sSI` over `version`; (exit code, headers).
-fn curl_head(version: &str, ca: &std::path::Path, url: &str) -> (i32, String) {
+fn curl_head(version: &str, ca: &Path, url: &str) -> (i32, String) {
     let out: std::process::Output = command("curl", "curl")
         .args(["-sS", "-I", version, "--cacert"])
         .arg(ca)
@@ -26,7 +35,7 @@ fn curl_head(version: &str, ca: &std::path::Path, url: &str) -> (i32, String) {
     )
 }
 
-fn check_heads(base: &str, ca: &std::path::Path) {
+fn check_heads(base: &str, ca: &Path) {
     let missing_blob = format!("{base}/v2/h2/app/blobs/sha256:{}", "0".repeat(64));
     for path in [
         missing_blob.as_str(),
@@ -48,29 +57,21 @@ fn check_heads(base: &str, ca: &std::path::Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn head_answers_have_no_body_built_in() {
     let aio = AllInOne::start().await;
-    let base = aio.gate.base_url();
-    let ca = aio.ca.cert.clone();
-    tokio::task::spawn_blocking(move || check_heads(&base, &ca))
-        .await
-        .expect("join");
+    blocking(aio.gate.base_url(), aio.ca.cert.clone(), check_heads).await;
     aio.gate.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn head_answers_have_no_body_in_front() {
     let stack = Stack::start().await;
-    let base = stack.gate.base_url();
-    let ca = stack.ca.cert.clone();
-    tokio::task::spawn_blocking(move || check_heads(&base, &ca))
-        .await
-        .expect("join");
+    blocking(stack.gate.base_url(), stack.ca.cert.clone(), check_heads).await;
     stack.gate.stop().await;
 }
 
 /// `curl -X METHOD` with a 1 KiB body over `version`; (exit code, status, output).
 fn curl_write(
     version: &str,
-    ca: &std::path::Path,
+    ca: &Path,
     method: &str,
     url: &str,
     user: Option<&str>,
@@ -109,12 +110,7 @@ fn curl_write(
 
 /// `nghttp -v` (HTTP/2 only) with `method`, and `body` as data when given: (exit
 /// code, output).
-fn nghttp(
-    method: &str,
-    url: &str,
-    body: Option<&std::path::Path>,
-    user: Option<&str>,
-) -> (i32, String) {
+fn nghttp(method: &str, url: &str, body: Option<&Path>, user: Option<&str>) -> (i32, String) {
     use base64::Engine as _;
     let mut cmd = command("nghttp", "nghttp2-client");
     cmd.args(["-v", "-t", "20", "-H"])
@@ -147,13 +143,7 @@ fn check_with_nghttp(base: &str) {
     std::fs::write(&body, vec![b'{'; 1024]).expect("write body");
     let viewer = format!("{}:{}", common::VIEWER.0, common::VIEWER.1);
     let missing = format!("{base}/v2/h2/app/blobs/sha256:{}", "0".repeat(64));
-    type Case<'a> = (
-        &'a str,
-        String,
-        Option<&'a std::path::Path>,
-        Option<&'a str>,
-        &'a str,
-    );
+    type Case<'a> = (&'a str, String, Option<&'a Path>, Option<&'a str>, &'a str);
     let cases: Vec<Case> = vec![
         ("HEAD", missing.clone(), None, None, "404"),
         ("HEAD", format!("{base}/v2/"), None, None, "401"),
@@ -200,7 +190,7 @@ fn check_with_nghttp(base: &str) {
 }
 
 /// Refused writes that carry a small body get their answer over both protocols.
-fn check_refused_writes(base: &str, ca: &std::path::Path) {
+fn check_refused_writes(base: &str, ca: &Path) {
     let viewer = format!("{}:{}", common::VIEWER.0, common::VIEWER.1);
     let cases = [
         ("PUT", format!("{base}/v2/h2/app/manifests/t"), None, "401"),
@@ -234,7 +224,7 @@ fn check_refused_writes(base: &str, ca: &std::path::Path) {
 /// A manifest over the 4 MiB limit, from a pusher: 413. Over HTTP/1.1 only: over
 /// HTTP/2 the registry answers after 4 MiB and the stream is reset while curl still
 /// sends the rest, and curl 7.88 then shows no status in some runs (an open item).
-fn check_too_large(base: &str, ca: &std::path::Path) {
+fn check_too_large(base: &str, ca: &Path) {
     let body = std::env::temp_dir().join(format!("rg-h2-large-{}", std::process::id()));
     std::fs::write(&body, vec![b' '; 5 * 1024 * 1024]).expect("write body");
     let pusher = format!("{}:{}", common::PUSHER.0, common::PUSHER.1);
@@ -278,39 +268,29 @@ fn check_too_large(base: &str, ca: &std::path::Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_too_large_manifest_is_answered_413_built_in() {
     let aio = AllInOne::start().await;
-    let base = aio.gate.base_url();
-    let ca = aio.ca.cert.clone();
-    tokio::task::spawn_blocking(move || check_too_large(&base, &ca))
-        .await
-        .expect("join");
+    blocking(aio.gate.base_url(), aio.ca.cert.clone(), check_too_large).await;
     aio.gate.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refused_writes_with_a_body_are_answered_built_in() {
     let aio = AllInOne::start().await;
-    let base = aio.gate.base_url();
-    let ca = aio.ca.cert.clone();
-    tokio::task::spawn_blocking(move || {
-        check_with_nghttp(&base);
-        check_refused_writes(&base, &ca);
+    blocking(aio.gate.base_url(), aio.ca.cert.clone(), |base, ca| {
+        check_with_nghttp(base);
+        check_refused_writes(base, ca);
     })
-    .await
-    .expect("join");
+    .await;
     aio.gate.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refused_writes_with_a_body_are_answered_in_front() {
     let stack = Stack::start().await;
-    let base = stack.gate.base_url();
-    let ca = stack.ca.cert.clone();
-    tokio::task::spawn_blocking(move || {
-        check_with_nghttp(&base);
-        check_refused_writes(&base, &ca);
+    blocking(stack.gate.base_url(), stack.ca.cert.clone(), |base, ca| {
+        check_with_nghttp(base);
+        check_refused_writes(base, ca);
     })
-    .await
-    .expect("join");
+    .await;
     stack.gate.stop().await;
 }
 
@@ -318,8 +298,8 @@ async fn refused_writes_with_a_body_are_answered_in_front() {
 /// gate's own message, so the answer arrived.
 async fn check_with_skopeo(
     gate: &common::gate::Gate,
-    ca: &std::path::Path,
-    dir: &std::path::Path,
+    ca: &Path,
+    dir: &Path,
     deletes_disabled: bool,
 ) {
     use common::skopeo::Skopeo;

@@ -547,34 +547,26 @@ fn prune_events(notifier: &crate::notify::Notifier, r: &ops::PruneReport) {
     if !notifier.wants(Action::Delete) {
         return;
     }
-    let actor = || ActorRecord {
-        name: "prune".into(),
-    };
-    for (repo, tag, digest, _) in &r.tags_removed {
+    let tags = r
+        .tags_removed
+        .iter()
+        .map(|(repo, tag, digest, _)| (repo, tag.as_str(), digest));
+    let manifests = r.manifests_removed.iter().map(|(repo, d)| (repo, "", d));
+    for (repo, tag, digest) in tags.chain(manifests) {
         let target = Target {
             digest: digest.to_string(),
             repository: repo.clone(),
-            tag: tag.clone(),
+            tag: tag.to_owned(),
             ..Target::default()
+        };
+        let actor = ActorRecord {
+            name: "prune".into(),
         };
         notifier.publish(
             Action::Delete,
             target,
             internal_request("registry-gate prune"),
-            actor(),
-        );
-    }
-    for (repo, digest) in &r.manifests_removed {
-        let target = Target {
-            digest: digest.to_string(),
-            repository: repo.clone(),
-            ..Target::default()
-        };
-        notifier.publish(
-            Action::Delete,
-            target,
-            internal_request("registry-gate prune"),
-            actor(),
+            actor,
         );
     }
 }
