@@ -277,16 +277,19 @@ fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     Some((tag, &rest[..len], &rest[len..]))
 }
 
-/// The notAfter of an X.509 certificate (DER), as Unix time.
-pub fn not_after(cert: &[u8]) -> Option<i64> {
+/// The fields of an X.509 certificate's TBSCertificate (DER) after the optional
+/// `[0] version`: serialNumber first.
+fn tbs_fields(cert: &[u8]) -> Option<&[u8]> {
     let (_, certificate, _) = der_element(cert)?;
     let (_, tbs, _) = der_element(certificate)?;
-    let mut rest = tbs;
-    // [0] version (optional), serialNumber, signature, issuer, then validity.
-    let (tag, _, after) = der_element(rest)?;
-    if tag == 0xa0 {
-        rest = after;
-    }
+    let (tag, _, after) = der_element(tbs)?;
+    Some(if tag == 0xa0 { after } else { tbs })
+}
+
+/// The notAfter of an X.509 certificate (DER), as Unix time.
+pub fn not_after(cert: &[u8]) -> Option<i64> {
+    // serialNumber, signature, issuer, then validity.
+    let mut rest = tbs_fields(cert)?;
     for _ in 0..3 {
         let (_, _, after) = der_element(rest)?;
         rest = after;
@@ -337,13 +340,7 @@ type TbsParts<'a> = (&'a [u8], &'a [u8], Option<&'a [u8]>);
 
 /// The pieces of TBSCertificate an operator summary needs.
 fn tbs_parts(cert: &[u8]) -> Option<TbsParts<'_>> {
-    let (_, certificate, _) = der_element(cert)?;
-    let (_, tbs, _) = der_element(certificate)?;
-    let mut rest = tbs;
-    let (tag, _, after) = der_element(rest)?;
-    if tag == 0xa0 {
-        rest = after;
-    }
+    let mut rest = tbs_fields(cert)?;
     // serialNumber, signature
     for _ in 0..2 {
         rest = der_element(rest)?.2;
