@@ -17,10 +17,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use bytes::Bytes;
 use futures_util::StreamExt as _;
 use serde_json::json;
 
-use common::client::{Client, Resp, empty, full, generated, read_body_digest};
+use common::client::{Client, Resp, empty, full, generated, paused, read_body_digest};
 use common::gate::{Gate, GateOptions};
 use common::image::{
     OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, PushedImage, UploadMode, location_on_gate,
@@ -2615,6 +2616,41 @@ async fn abandoned_uploads_are_purged(backend: Backend) {
             "a 6 MiB PATCH left no multipart upload in progress"
         );
     }
+    // A request that goes quiet for longer than the purge age is still open: its
+    // session is not idle, and the upload finishes once the client comes back.
+    let data = pseudo_random_bytes(12 * 1024 * 1024, 196);
+    let digest = sha256_digest(&data);
+    let slow = start_upload(&pusher, "purge/app").await;
+    let sep = if slow.contains('?') { '&' } else { '?' };
+    let resp = pusher
+        .request(
+            "PUT",
+            &format!("{slow}{sep}digest={digest}"),
+            &[("content-type", "application/octet-stream")],
+            paused(
+                Bytes::copy_from_slice(&data[..9 * 1024 * 1024]),
+                std::time::Duration::from_secs(4),
+                Bytes::copy_from_slice(&data[9 * 1024 * 1024..]),
+            ),
+        )
+        .await;
+    expect(
+        &resp,
+        201,
+        "a closing PUT that paused for 4 s (purge age 1 s)",
+    );
+    let resp = pusher
+        .send(
+            "GET",
+            &format!("/v2/purge/app/blobs/{digest}"),
+            &[],
+            empty(),
+        )
+        .await;
+    assert_eq!(
+        read_body_digest(&mut resp.into_body()).await,
+        (data.len() as u64, digest.clone())
+    );
     let kept = upload_blob(&pusher, "purge/app", b"finished", UploadMode::Monolithic).await;
     for location in [&location, &big] {
         eventually("the abandoned upload to be purged", || {

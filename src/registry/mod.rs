@@ -131,7 +131,7 @@ impl Registry {
     pub fn spawn_upload_purger(self: &Arc<Self>, age: Duration) -> tokio::task::JoinHandle<()> {
         let every = (age / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
         self.spawn_every(Duration::ZERO, every, move |registry| async move {
-            match uploads::purge(&registry.store, age).await {
+            match uploads::purge(&registry.store, &registry.uploads, age).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(removed = n, "abandoned uploads removed"),
                 Err(e) => tracing::error!("purging abandoned uploads: {e}"),

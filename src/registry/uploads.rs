@@ -375,7 +375,14 @@ async fn drop_upload(
 
 /// Remove sessions idle for longer than `age` (by their state's last write); returns
 /// how many went. Their multipart uploads are aborted, so the store drops the parts.
-pub async fn purge(store: &Store, age: std::time::Duration) -> Result<usize, StorageError> {
+/// A session a request of this process is writing is never idle, however long its
+/// parts take (the state is saved once per part): it is skipped, and the lock is held
+/// while a session goes, so a request arriving meanwhile finds it gone, not half gone.
+pub async fn purge(
+    store: &Store,
+    sessions: &Sessions,
+    age: std::time::Duration,
+) -> Result<usize, StorageError> {
     let now = std::time::SystemTime::now();
     let mut removed = 0;
     for name in store.repositories_with("_uploads").await? {
@@ -394,6 +401,9 @@ pub async fn purge(store: &Store, age: std::time::Duration) -> Result<usize, Sto
             if !old {
                 continue;
             }
+            let Some(_session) = sessions.try_lock(&repo, &id) else {
+                continue;
+            };
             let state = match load_state(store, &repo, &id).await {
                 Ok(s) => s.unwrap_or_default(),
                 Err(Failure::Storage(e)) => return Err(e),

@@ -79,6 +79,42 @@ impl http_body::Body for UnsizedBody {
     // size_hint stays "unknown" on purpose: no Content-Length.
 }
 
+/// `first`, then nothing for `pause`, then `rest`, with no Content-Length: a client
+/// that goes quiet mid-request and comes back.
+pub fn paused(first: Bytes, pause: Duration, rest: Bytes) -> ReqBody {
+    PausedBody {
+        first: Some(first),
+        pause: Box::pin(tokio::time::sleep(pause)),
+        rest: Some(rest),
+    }
+    .boxed()
+}
+
+struct PausedBody {
+    first: Option<Bytes>,
+    pause: Pin<Box<tokio::time::Sleep>>,
+    rest: Option<Bytes>,
+}
+
+impl http_body::Body for PausedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        if this.pause.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        Poll::Ready(this.rest.take().map(|r| Ok(Frame::data(r))))
+    }
+}
+
 /// `len` bytes of `PseudoRandom::new(seed)`, made as they are sent (never held
 /// whole), with no Content-Length.
 pub fn generated(len: u64, seed: u64) -> ReqBody {
