@@ -454,7 +454,13 @@ async fn a_chunked_upload_started_on_one_gate_is_finished_on_another() {
     assert_eq!(resp.json()["errors"][0]["code"], "DIGEST_INVALID");
     let seen = head(&fleet.client(1), &format!("/v2/move/wrong/blobs/{digest}")).await;
     expect(&seen, 404, "nothing visible after a refused digest");
-    assert!(fleet.store().open_uploads("move/wrong").await.is_empty());
+    let left = fleet.store().open_uploads("move/wrong").await;
+    if !left.is_empty() {
+        // Failed once in CI; say whether it was the listing lagging behind the deletes.
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let later = fleet.store().open_uploads("move/wrong").await;
+        panic!("the refused upload's session is still listed: {left:?}; 2 s later: {later:?}");
+    }
     assert!(
         fleet.store().unfinished_writes().await.is_empty(),
         "the refused upload's multipart upload was aborted"
@@ -1015,19 +1021,12 @@ async fn a_gate_killed_mid_upload_and_mid_manifest_puts_leaves_nothing_partial()
             .await
         })
     };
-    // A part stored (8 MiB). Two parts were asked for before, and in 3 full-suite
-    // runs of 7 the second never came within 30 s, nor within 120 s once: what holds
-    // it back is not understood yet (see the issue note).
-    common::eventually_within(
-        "parts of the big blob in the store",
-        std::time::Duration::from_secs(120),
-        || {
-            let (store, id) = (store.clone(), id.clone());
-            async move {
-                (store.upload_bytes("kill/big", &id).await >= 8 * 1024 * 1024).then_some(())
-            }
-        },
-    )
+    // Two parts stored (16 MiB). A's own purge (1 s) used to take the session away
+    // when a part took longer than that, and the second part never came.
+    eventually("parts of the big blob in the store", || {
+        let (store, id) = (store.clone(), id.clone());
+        async move { (store.upload_bytes("kill/big", &id).await >= 16 * 1024 * 1024).then_some(()) }
+    })
     .await;
     assert!(
         !store.unfinished_writes().await.is_empty(),

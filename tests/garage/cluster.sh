@@ -13,7 +13,8 @@
 #       own PID, so nothing outlives them); with --remove as well, DIR is deleted then.
 #   tests/garage/cluster.sh bucket DIR NAME   another bucket, allowed for the same key
 #   tests/garage/cluster.sh kill-node DIR N   kill -9 node N (1..3)
-#   tests/garage/cluster.sh start-node DIR N  start node N again (same config and data)
+#   tests/garage/cluster.sh start-node DIR N  start node N again (same config and data);
+#       when all three run again, it returns once they are connected to each other
 #   tests/garage/cluster.sh stop DIR          stop every node by its PID
 #
 # Only binds 127.0.0.1. Ten consecutive ports are used from the base port (a free block
@@ -40,6 +41,27 @@ start_node() {
 
 g() { garage -c "$dir/node1/garage.toml" "$@"; }
 
+# Wait until every running node is connected to all three and sees the cluster healthy
+# (GetClusterHealth). `garage status` on node 1 lists every node as healthy before
+# nodes 2 and 3 have connected to the others; requests through them then fail quorum
+# or see a partial view for a second or two.
+wait_connected() {
+  local i out
+  for _ in $(seq 1 150); do
+    out=""
+    for i in 1 2 3; do
+      out+=$(garage -c "$dir/node$i/garage.toml" json-api GetClusterHealth 2>/dev/null | tr -d ' \n' || true)
+    done
+    if [ "$(grep -o '"connectedNodes":3' <<<"$out" | wc -l)" = 3 ] &&
+      [ "$(grep -o '"status":"healthy"' <<<"$out" | wc -l)" = 3 ]; then
+      return 0
+    fi
+    sleep 0.2
+  done
+  log "the nodes did not all connect to each other within 30 s: $out"
+  return 1
+}
+
 case "$cmd" in
   stop)
     stop_all "$dir"
@@ -54,6 +76,10 @@ case "$cmd" in
   start-node)
     n=${1:?node number}
     start_node "$dir" "$n"
+    # Once all three run again, they are connected before this returns.
+    if [ -f "$dir/node1/pid" ] && [ -f "$dir/node2/pid" ] && [ -f "$dir/node3/pid" ]; then
+      wait_connected
+    fi
     exit 0
     ;;
   bucket)
@@ -170,6 +196,7 @@ kid=$(echo "$keyout" | awk -F': *' 'tolower($1) ~ /key id/ {print $2; exit}')
 ksec=$(echo "$keyout" | awk -F': *' 'tolower($1) ~ /secret key/ {print $2; exit}')
 [ -n "$kid" ] && [ -n "$ksec" ] || { log "could not read the key from: $keyout"; exit 1; }
 g bucket allow --read --write --owner registry --key gate >/dev/null
+wait_connected
 
 echo "S3_ENDPOINT=http://127.0.0.1:$((base + 1))"
 echo "S3_ENDPOINT_2=http://127.0.0.1:$((base + 4))"
