@@ -149,13 +149,6 @@ impl CachingProxy {
             .inc();
     }
 
-    fn sample(&self) {
-        let (bytes, _) = self.disk.usage();
-        self.metrics
-            .cache_bytes
-            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
-    }
-
     fn is_confirmed(&self, repo: &RepoName, d: &Digest) -> bool {
         lock(&self.confirmed)
             .get(&(repo.as_str().to_owned(), d.as_str().to_owned()))
@@ -302,6 +295,11 @@ impl CachingProxy {
         if let Some(found) = self.memory_get(d) {
             return Some(found);
         }
+        // The index knows every file (loaded at start, then kept by each commit): a
+        // miss costs no trip to the blocking pool.
+        if !matches!(self.disk.peek(d), Some((size, Kind::Manifest, _)) if size <= MAX_MANIFEST) {
+            return None;
+        }
         let disk = self.disk.clone();
         let digest = d.to_owned();
         let found = tokio::task::spawn_blocking(move || {
@@ -362,16 +360,16 @@ impl CachingProxy {
                 .unwrap_or("")
                 .to_owned();
             self.memory_put(&d, bytes.clone(), media_type.clone());
+            // Written after the answer goes out: the memory serves it meanwhile.
             let disk = self.disk.clone();
+            let metrics = self.metrics.clone();
             let (digest, data) = (d.clone(), bytes.clone());
-            let stored = tokio::task::spawn_blocking(move || {
-                disk.put_bytes(&digest, &data, Kind::Manifest, Some(media_type))
-            })
-            .await;
-            if let Ok(Err(e)) = stored {
-                tracing::warn!(digest = d, "cache: cannot store a manifest: {e}");
-            }
-            self.sample();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = disk.put_bytes(&digest, &data, Kind::Manifest, Some(media_type)) {
+                    tracing::warn!(digest, "cache: cannot store a manifest: {e}");
+                }
+                sample_usage(&disk, &metrics);
+            });
         } else {
             tracing::warn!(
                 expected = d,
@@ -547,6 +545,14 @@ impl CachingProxy {
     }
 }
 
+/// The cache's size into `/metrics`.
+fn sample_usage(disk: &DiskCache, metrics: &Metrics) {
+    let (bytes, _) = disk.usage();
+    metrics
+        .cache_bytes
+        .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+}
+
 fn digest_header(h: &HeaderMap) -> Option<String> {
     h.get("docker-content-digest")
         .and_then(|v| v.to_str().ok())
@@ -718,12 +724,18 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(self, mut rx: mpsc::Receiver<Bytes>) {
+    /// On a thread of the blocking pool: one plain `write` per chunk (no hop to the
+    /// pool and back for each, as `tokio::fs` would make), hashed as it goes.
+    async fn run(self, rx: mpsc::Receiver<Bytes>) {
+        let _ = tokio::task::spawn_blocking(move || self.run_blocking(rx)).await;
+    }
+
+    fn run_blocking(self, mut rx: mpsc::Receiver<Bytes>) {
         // The file exists before anyone learns the size (followers open it then).
-        let ok = match tokio::fs::File::create(&self.temp).await {
+        let ok = match std::fs::File::create(&self.temp) {
             Ok(file) => {
                 self.progress.send_modify(|p| p.size = Some(self.size));
-                self.write(file, &mut rx).await
+                self.write(file, &mut rx)
             }
             Err(e) => {
                 tracing::warn!(
@@ -737,23 +749,20 @@ impl Writer {
         self.progress.send_modify(|p| p.done = Some(ok));
         lock(&self.fills).remove(&self.digest);
         if !ok {
-            let _ = tokio::fs::remove_file(&self.temp).await;
+            let _ = std::fs::remove_file(&self.temp);
         }
-        let (bytes, _) = self.disk.usage();
-        self.metrics
-            .cache_bytes
-            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        sample_usage(&self.disk, &self.metrics);
     }
 
-    async fn write(&self, mut file: tokio::fs::File, rx: &mut mpsc::Receiver<Bytes>) -> bool {
+    fn write(&self, mut file: std::fs::File, rx: &mut mpsc::Receiver<Bytes>) -> bool {
         use sha2::Digest as _;
-        use tokio::io::AsyncWriteExt as _;
+        use std::io::Write as _;
         let mut hash = sha2::Sha256::new();
         let mut written = 0u64;
-        while let Some(chunk) = rx.recv().await {
-            // tokio's File completes a write in the background; the flush waits for
-            // it, so `written` never counts bytes a follower could not read yet.
-            if file.write_all(&chunk).await.is_err() || file.flush().await.is_err() {
+        while let Some(chunk) = rx.blocking_recv() {
+            // A plain write is in the page cache when it returns: a follower reading
+            // up to `written` finds the bytes.
+            if file.write_all(&chunk).is_err() {
                 tracing::warn!(
                     digest = self.digest,
                     "cache: cannot write (disk full?); not kept"
@@ -764,10 +773,10 @@ impl Writer {
             written += chunk.len() as u64;
             self.progress.send_modify(|p| p.written = written);
         }
-        if written != self.size || file.flush().await.is_err() {
+        drop(file);
+        if written != self.size {
             return false;
         }
-        drop(file);
         let actual = format!("sha256:{}", crate::registry::digest::hex(&hash.finalize()));
         if actual != self.digest {
             tracing::warn!(
@@ -777,23 +786,15 @@ impl Writer {
             );
             return false;
         }
-        let (disk, temp, digest, size) = (
-            self.disk.clone(),
-            self.temp.clone(),
-            self.digest.clone(),
-            self.size,
-        );
-        match tokio::task::spawn_blocking(move || {
-            disk.commit(&temp, &digest, size, Kind::Blob, None)
-        })
-        .await
+        match self
+            .disk
+            .commit(&self.temp, &self.digest, self.size, Kind::Blob, None)
         {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
+            Ok(()) => true,
+            Err(e) => {
                 tracing::warn!(digest = self.digest, "cache: cannot keep a blob: {e}");
                 false
             }
-            Err(_) => false,
         }
     }
 }
