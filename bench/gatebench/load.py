@@ -10,6 +10,7 @@
 * curl: one big download, and the upload sequence POST, (PATCH…), PUT ?digest=.
 """
 
+import os
 import re
 import subprocess
 import time
@@ -187,3 +188,67 @@ def put_manifest(base, repo, tag, path, media_type, cafile, auth_header, headers
         curl += ["-H", auth_header]
     _curl_step(curl + ["-X", "PUT", "--data-binary", f"@{path}",
                        f"{base}/v2/{repo}/manifests/{tag}"], headers_file, {"201"})
+
+
+@dataclass
+class Op:
+    """One request of a `curl_many` run."""
+    url: str
+    method: str = "GET"
+    data: str = None          # a file sent as the body
+    headers: list = field(default_factory=list)
+
+
+def _quoted(text):
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def curl_many(ops, parallel, cafile, want=("200",), bytes_each=None, unit_pairs=False):
+    """Every op once, `parallel` at a time over HTTP/1.1 keep-alive connections (one
+    `curl --parallel` process). The count is requests, pairs of requests
+    (`unit_pairs`) or bytes (`bytes_each` per request); the time is the wall time of
+    the curl process."""
+    lines = []
+    for i, op in enumerate(ops):
+        if i:
+            lines.append("next")
+        lines += ["http1.1", "silent", "show-error", "output = /dev/null",
+                  'write-out = "%{http_code}\\n"']
+        if cafile:
+            lines.append(f"cacert = {_quoted(cafile)}")
+        if op.method == "HEAD":
+            lines.append("head")
+        elif op.method != "GET":
+            lines.append(f"request = {op.method}")
+        if op.data:
+            lines.append(f"data-binary = {_quoted('@' + op.data)}")
+            lines.append('header = "Expect:"')
+        for h in op.headers:
+            lines.append(f"header = {_quoted(h)}")
+        lines.append(f"url = {_quoted(op.url)}")
+    conf = f"/tmp/bench-curl-{os.getpid()}.conf"
+    with open(conf, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    started = time.monotonic()
+    try:
+        # Only stdout: with --parallel, curl 7.88 prints its progress meter to stderr
+        # even when told to be silent.
+        done = subprocess.run(["curl", "--no-progress-meter", "--parallel", "--parallel-max",
+                               str(parallel), "--config", conf],
+                              capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise LoadError(f"curl --parallel ({len(ops)} requests) did not finish within 600 s")
+    finally:
+        os.remove(conf)
+    out = done.stdout
+    seconds = time.monotonic() - started
+    codes = out.split()
+    res = Result(seconds=seconds)
+    bad = [c for c in codes if c not in want]
+    if len(codes) != len(ops) or bad or done.returncode != 0:
+        res.errors.append(f"curl --parallel: {len(codes)} answers to {len(ops)} requests, "
+                          f"{len(bad)} not {'/'.join(want)} (first: {bad[:5]}), exit "
+                          f"{done.returncode}: {done.stderr.strip()[-300:]}")
+    done = len(codes) - len(bad)
+    res.count = done / 2 if unit_pairs else (done * bytes_each if bytes_each else done)
+    return res
