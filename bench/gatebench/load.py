@@ -7,7 +7,8 @@
   every client makes one connection, so every handshake is full; with
   `Connection: close` and more requests than clients, each client reconnects and
   resumes its previous TLS session (h2load keeps it), so handshakes are resumed;
-* curl: one big download, and the upload sequence POST, (PATCH…), PUT ?digest=.
+* curl: one big download, and the upload sequence POST, (PATCH…), PUT ?digest=;
+  `curl --parallel` for many downloads at once that follow redirects (wrk cannot).
 """
 
 import os
@@ -139,6 +140,35 @@ def download(url, expect_size, cafile):
     res = Result(count=int(size), seconds=float(secs))
     if code != "200" or int(size) != expect_size:
         res.errors.append(f"download {url}: status {code}, {size} of {expect_size} bytes")
+    return res
+
+
+def parallel_downloads(urls, expect_size, cafile, parallel, follow=True):
+    """Every URL downloaded once by one `curl --parallel`, `parallel` transfers at a time
+    (HTTP/1.1: one connection per transfer in flight, kept for the later ones); `follow`
+    follows redirects (-L: a registry answering blob GETs with 307 to its store).
+    A Result in bytes, timed by the wall clock around curl."""
+    argv = _curl_base(cafile) + ["--parallel", "--parallel-immediate", "--parallel-max",
+                                 str(parallel), "-w", "%{http_code} %{size_download}\\n"]
+    if follow:
+        argv.append("--location")
+    for url in urls:
+        argv += ["-o", "/dev/null", url]
+    started = time.monotonic()
+    out = _run(argv, timeout=660)
+    res = Result(seconds=time.monotonic() - started)
+    bad = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit():
+            if parts[0] == "200" and int(parts[1]) == expect_size:
+                res.count += expect_size
+            else:
+                bad.append(f"status {parts[0]}, {parts[1]} bytes")
+    done = res.count // expect_size if expect_size else 0
+    if bad or done != len(urls):
+        res.errors.append(f"{done} of {len(urls)} downloads complete"
+                          + (f" ({'; '.join(sorted(set(bad))[:3])})" if bad else ""))
     return res
 
 
