@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from . import load, report
 from .configs import MANIFEST_ACCEPT, MANIFEST_TYPE
-from .procs import Proc, StartError, cpu_seconds, free_port, http_get, wait_http
+from .procs import Proc, StartError, cpu_seconds, free_port, wait_http
 from .scenarios import GIB, Scenario, workdir_free_gib
 from .servers import Front, basic
 from .setup import SetupError, UploadSource
@@ -547,15 +547,17 @@ def scenario_table(results, sc, rounds, meter):
         shown = "-" if v is None else (f"{v:.2f}" if sc.per_gib else f"{v:,.0f}")
         cells.append(f"{f.name} {shown}")
     lines = [table, f"  Garage CPU, its 3 processes, {unit}: " + ", ".join(cells)]
-    if sc.sample_rss:
-        rss = []
-        for f in sc.fronts:
-            runs = [r for r in results.runs.get(sc.key, []) if r.front == f.name]
-            if runs:
-                worst = max(runs, key=lambda r: r.max_rss_kib - r.idle_rss_kib)
-                rss.append(f"{f.name} {worst.idle_rss_kib / 1024:.1f} -> "
-                           f"{worst.max_rss_kib / 1024:.1f}")
-        lines.append("  RSS before the run -> highest sampled during it, MiB: " + ", ".join(rss))
+    # What a front held before its run and its peak during it (the round where it rose
+    # most): memory an earlier scenario left with a process shows here.
+    rss = []
+    for f in sc.fronts:
+        runs = [r for r in results.runs.get(sc.key, []) if r.front == f.name]
+        if runs:
+            worst = max(runs, key=lambda r: r.peak_rss_kib - r.idle_rss_kib)
+            rss.append(f"{f.name} {worst.idle_rss_kib / 1024:.0f} -> "
+                       f"{worst.peak_rss_kib / 1024:.0f}")
+    lines.append("  RSS before the run -> peak during it, MiB, the round it rose most: "
+                 + ", ".join(rss))
     lines.append("  (gate-s3x2: CPU of both gates summed, RSS the larger of the two)")
     return "\n".join(lines)
 
