@@ -24,7 +24,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
-from . import load, report
+from . import checks, load, report
 from .configs import MANIFEST_ACCEPT, MANIFEST_TYPE
 from .procs import Proc, StartError, cpu_seconds, free_port, wait_http
 from .scenarios import GIB, Scenario, workdir_free_gib
@@ -311,7 +311,6 @@ class S3Servers:
 
     def check(self, say):
         """Every gate and both registries serve the image; the redirect front redirects."""
-        from . import checks
         accept = dict([MANIFEST_ACCEPT.split(": ", 1)])
         singles = [Front("gate-s3", self.gate.urls[0], self.gate1),
                    Front("gate-s3-2", self.gates.urls[1], self.gate2),
