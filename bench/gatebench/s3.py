@@ -18,6 +18,7 @@ of its three processes during each run, put next to the front's own.
 import http.client
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -92,6 +93,7 @@ class GarageCluster:
             if "=" in line:
                 k, v = line.split("=", 1)
                 self.env[k] = v.strip('"')
+        self.dir = self.env.get("GARAGE_DIR", self.dir)   # absolute
         self.pids = [int(p) for p in self.env["GARAGE_PIDS"].split()]
         self.endpoints = [self.env["S3_ENDPOINT"], self.env["S3_ENDPOINT_2"],
                           self.env["S3_ENDPOINT_3"]]
@@ -104,9 +106,33 @@ class GarageCluster:
         return bool(self.pids) and all(os.path.exists(f"/proc/{p}") for p in self.pids)
 
     def stop(self):
-        if self.pids:
-            subprocess.run([CLUSTER_SH, "stop", self.dir], capture_output=True, timeout=60)
-            self.pids = []
+        if not self.pids:
+            return
+        subprocess.run([CLUSTER_SH, "stop", self.dir], capture_output=True, timeout=60)
+        # The script finds the nodes by their pid files; should those be gone (the work
+        # dir removed under a running bench), stop the nodes by the PIDs it printed,
+        # those still running this cluster's config.
+        left = [p for p in self.pids if self._ours(p)]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for p in left:
+                try:
+                    os.kill(p, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(self._ours(p) for p in left):
+                time.sleep(0.1)
+            left = [p for p in left if self._ours(p)]
+            if not left:
+                break
+        self.pids = []
+
+    def _ours(self, pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return self.dir.encode() in f.read()
+        except OSError:
+            return False
 
     def cpu_seconds(self):
         return sum(cpu_seconds(p) for p in self.pids)
