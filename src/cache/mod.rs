@@ -453,14 +453,19 @@ impl CachingProxy {
             }
         };
         let Some(progress) = progress else {
-            if self.confirmed_now(&req, &ctx, repo, d).await
-                && let Some(resp) = follow(&fill, d.as_str()).await
-            {
-                self.hit(
-                    Kind::Blob,
-                    crate::body::content_length(resp.headers()).unwrap_or(0),
-                );
-                return resp;
+            if self.confirmed_now(&req, &ctx, repo, d).await {
+                if let Some(resp) = follow(&fill, d.as_str()).await {
+                    self.hit(
+                        Kind::Blob,
+                        crate::body::content_length(resp.headers()).unwrap_or(0),
+                    );
+                    return resp;
+                }
+                // The fill ended between the look-up and the open (its file renamed
+                // into the cache): the cache has the blob now.
+                if let Some(resp) = self.blob_from_disk(&req, d).await {
+                    return resp;
+                }
             }
             self.miss(Kind::Blob);
             return self.proxy.handle(req, ctx).await;
