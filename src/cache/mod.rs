@@ -528,7 +528,7 @@ impl CachingProxy {
         };
         // Bounded: a disk slower than the network slows the first client down to the
         // disk's pace instead of holding the blob in memory.
-        let (tx, rx) = mpsc::channel::<Bytes>(TEE_QUEUE);
+        let (tx, rx) = mpsc::channel::<Vec<Bytes>>(TEE_QUEUE);
         let writer = Writer {
             disk: self.disk.clone(),
             fills: self.fills.clone(),
@@ -545,6 +545,9 @@ impl CachingProxy {
             body::boxed(Tee {
                 inner: incoming,
                 tx: Some(tokio_util::sync::PollSender::new(tx)),
+                batch: Vec::new(),
+                batched: 0,
+                left: size,
             }),
         )
     }
@@ -665,15 +668,44 @@ async fn follow(fill: &Fill, d: &str) -> Option<Response<Body>> {
     Some(blob_response(d, size, StatusCode::OK, 0, size, body))
 }
 
-/// Chunks on their way from a first client's response to the cache file (hyper's
-/// reads are up to 64 KiB: at most a few MiB in flight per fill).
-const TEE_QUEUE: usize = 32;
+/// Batches of chunks on their way from a first client's response to the cache file:
+/// at most a few MiB in flight per fill. Chunks are handed over a batch at a time,
+/// so the writer thread is woken once per 256 KiB, not once per read from the
+/// upstream (which may be a few KiB).
+const TEE_QUEUE: usize = 8;
+const TEE_BATCH: usize = 256 * 1024;
 
-/// A response body that hands a copy of each chunk to a fill's writer, reading the
-/// next chunk only once the writer has room for it.
+/// A response body that hands a copy of its chunks to a fill's writer. It reads on
+/// only once the writer has room for one more batch (a permit is reserved first), so
+/// a full batch, or the last one, is handed over at once with the frame that makes it:
+/// hyper stops polling a body once its length is sent.
 struct Tee {
     inner: Body,
-    tx: Option<tokio_util::sync::PollSender<Bytes>>,
+    tx: Option<tokio_util::sync::PollSender<Vec<Bytes>>>,
+    batch: Vec<Bytes>,
+    batched: usize,
+    /// Bytes of the blob not yet read.
+    left: u64,
+}
+
+impl Tee {
+    /// Send the batch on the reserved permit.
+    fn send(&mut self) {
+        let batch = std::mem::take(&mut self.batch);
+        self.batched = 0;
+        if let Some(tx) = &mut self.tx
+            && !batch.is_empty()
+            && tx.send_item(batch).is_err()
+        {
+            self.tx = None;
+        }
+    }
+
+    fn give_up(&mut self) {
+        self.tx = None;
+        self.batch.clear();
+        self.batched = 0;
+    }
 }
 
 impl http_body::Body for Tee {
@@ -684,26 +716,36 @@ impl http_body::Body for Tee {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
         let this = &mut *self;
-        // Room for the copy first: the writer sets the pace.
+        // Room for a batch first: the writer sets the pace.
         if let Some(tx) = &mut this.tx {
             match tx.poll_reserve(cx) {
-                std::task::Poll::Pending => return std::task::Poll::Pending,
-                // The writer failed: the client goes on, this copy is given up.
-                std::task::Poll::Ready(Err(_)) => this.tx = None,
-                std::task::Poll::Ready(Ok(())) => {}
+                Poll::Pending => return Poll::Pending,
+                // The writer failed: the client goes on, the copy is given up.
+                Poll::Ready(Err(_)) => this.give_up(),
+                Poll::Ready(Ok(())) => {}
             }
         }
         let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-            && let Some(tx) = &mut this.tx
-            && tx.send_item(data.clone()).is_err()
-        {
-            this.tx = None;
-        }
-        if let std::task::Poll::Ready(Some(Err(_))) = &polled {
-            this.tx = None;
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if this.tx.is_some()
+                    && let Some(data) = frame.data_ref()
+                {
+                    this.batched += data.len();
+                    this.left = this.left.saturating_sub(data.len() as u64);
+                    this.batch.push(data.clone());
+                    if this.batched >= TEE_BATCH || this.left == 0 || this.inner.is_end_stream() {
+                        this.send();
+                    }
+                }
+            }
+            Poll::Ready(None) => this.send(),
+            Poll::Ready(Some(Err(_))) => this.give_up(),
+            // The upstream is slow: what there is goes to the writer meanwhile, so
+            // that followers see it.
+            Poll::Pending => this.send(),
         }
         polled
     }
@@ -731,11 +773,11 @@ struct Writer {
 impl Writer {
     /// On a thread of the blocking pool: one plain `write` per chunk (no hop to the
     /// pool and back for each, as `tokio::fs` would make), hashed as it goes.
-    async fn run(self, rx: mpsc::Receiver<Bytes>) {
+    async fn run(self, rx: mpsc::Receiver<Vec<Bytes>>) {
         let _ = tokio::task::spawn_blocking(move || self.run_blocking(rx)).await;
     }
 
-    fn run_blocking(self, mut rx: mpsc::Receiver<Bytes>) {
+    fn run_blocking(self, mut rx: mpsc::Receiver<Vec<Bytes>>) {
         // The file exists before anyone learns the size (followers open it then).
         let ok = match std::fs::File::create(&self.temp) {
             Ok(file) => {
@@ -759,23 +801,25 @@ impl Writer {
         sample_usage(&self.disk, &self.metrics);
     }
 
-    fn write(&self, mut file: std::fs::File, rx: &mut mpsc::Receiver<Bytes>) -> bool {
+    fn write(&self, mut file: std::fs::File, rx: &mut mpsc::Receiver<Vec<Bytes>>) -> bool {
         use sha2::Digest as _;
         use std::io::Write as _;
         let mut hash = sha2::Sha256::new();
         let mut written = 0u64;
-        while let Some(chunk) = rx.blocking_recv() {
-            // A plain write is in the page cache when it returns: a follower reading
-            // up to `written` finds the bytes.
-            if file.write_all(&chunk).is_err() {
-                tracing::warn!(
-                    digest = self.digest,
-                    "cache: cannot write (disk full?); not kept"
-                );
-                return false;
+        while let Some(batch) = rx.blocking_recv() {
+            for chunk in batch {
+                // A plain write is in the page cache when it returns: a follower
+                // reading up to `written` finds the bytes.
+                if file.write_all(&chunk).is_err() {
+                    tracing::warn!(
+                        digest = self.digest,
+                        "cache: cannot write (disk full?); not kept"
+                    );
+                    return false;
+                }
+                hash.update(&chunk);
+                written += chunk.len() as u64;
             }
-            hash.update(&chunk);
-            written += chunk.len() as u64;
             self.progress.send_modify(|p| p.written = written);
         }
         drop(file);
