@@ -254,7 +254,7 @@ class PerfProfiler:
     hottest symbols, kernel and user space together.
     """
 
-    def __init__(self, dir, fronts=("gate", "gate-aio")):
+    def __init__(self, dir, fronts=("gate", "gate-aio", "gate-cache")):
         self.dir, self.fronts = dir, fronts
         os.makedirs(dir, exist_ok=True)
         self.files = {}
