@@ -59,24 +59,8 @@ def nginx_cache(work, port, upstream_port, cert, key, htpasswd, cache_dir):
   open_file_cache max=10000 inactive=60s;
   proxy_cache_path {cache_dir} levels=1:2 keys_zone=regcache:50m max_size={CACHE_MAX[:-3]}g
                    inactive=1d use_temp_path=off;
-  upstream docker-registry-c {{
-    server 127.0.0.1:{upstream_port};
-    keepalive 128;
-    keepalive_requests 100000000;
-  }}
-  server {{
-    listen 127.0.0.1:{port} ssl http2 backlog=4096;
-    server_name localhost;
-    ssl_certificate {cert};
-    ssl_certificate_key {key};
-    ssl_protocols TLSv1.2 TLSv1.3;
-    ssl_session_cache shared:SSL:10m;
-    ssl_session_tickets on;
-    client_max_body_size 0;
-    chunked_transfer_encoding on;
-{cached}
-{location}
-  }}"""
+""" + configs.ka_upstream_server("docker-registry-c", port, upstream_port, cert, key,
+                                 cached + "\n" + location)
     return configs._nginx_main(work, "cache", "auto", body)
 
 

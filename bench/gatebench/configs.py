@@ -160,12 +160,10 @@ def nginx_recipe(work, servers, htpasswd):
     return _nginx_main(work, "recipe", "auto", "\n".join(blocks))
 
 
-def nginx_ka(work, servers, htpasswd):
-    """The recipe tuned: keep-alive pool upstream, streaming both ways, HTTP/2, TLS 1.3."""
-    blocks = [_RECIPE_HTTP, "  keepalive_requests 100000000;"]
-    for i, (port, upstream_port, cert, key) in enumerate(servers):
-        blocks.append(f"""\
-  upstream docker-registry-{i} {{
+def ka_upstream_server(name, port, upstream_port, cert, key, locations):
+    """One nginx-ka `upstream` (keep-alive pool) and its TLS `server` with `locations`."""
+    return f"""\
+  upstream {name} {{
     server 127.0.0.1:{upstream_port};
     keepalive 128;
     keepalive_requests 100000000;
@@ -180,8 +178,17 @@ def nginx_ka(work, servers, htpasswd):
     ssl_session_tickets on;
     client_max_body_size 0;
     chunked_transfer_encoding on;
-{_recipe_location(f"docker-registry-{i}", htpasswd, tuned=True)}
-  }}""")
+{locations}
+  }}"""
+
+
+def nginx_ka(work, servers, htpasswd):
+    """The recipe tuned: keep-alive pool upstream, streaming both ways, HTTP/2, TLS 1.3."""
+    blocks = [_RECIPE_HTTP, "  keepalive_requests 100000000;"]
+    for i, (port, upstream_port, cert, key) in enumerate(servers):
+        name = f"docker-registry-{i}"
+        blocks.append(ka_upstream_server(name, port, upstream_port, cert, key,
+                                         _recipe_location(name, htpasswd, tuned=True)))
     return _nginx_main(work, "ka", "auto", "\n".join(blocks))
 
 
@@ -292,10 +299,13 @@ http:
 """
 
 
-def gate(port, cert, key, htpasswd, groups, upstream_port=None, storage_root=None):
-    """registry-gate: a front of `upstream_port`, or all-in-one on `storage_root`."""
-    backend = (f'[upstream]\nurl = "http://127.0.0.1:{upstream_port}"\n' if upstream_port
-               else f'[storage]\nroot = "{storage_root}"\n')
+def gate(port, cert, key, htpasswd, groups, upstream_port=None, storage_root=None,
+         backend=None):
+    """registry-gate: a front of `upstream_port`, all-in-one on `storage_root`, or with
+    the given `backend` sections."""
+    if backend is None:
+        backend = (f'[upstream]\nurl = "http://127.0.0.1:{upstream_port}"\n' if upstream_port
+                   else f'[storage]\nroot = "{storage_root}"\n')
     return f"""\
 # registry-gate for bench/run, thrown away after the run.
 listen = "127.0.0.1:{port}"

@@ -25,7 +25,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
-from . import checks, load, report
+from . import checks, configs, load, report
 from .configs import MANIFEST_ACCEPT, MANIFEST_TYPE
 from .procs import Proc, StartError, cpu_seconds, free_port, wait_http
 from .scenarios import GIB, Scenario, workdir_free_gib
@@ -174,19 +174,7 @@ class S3Front(Front):
 
 def gate_toml(port, cert, key, htpasswd, groups, endpoint, region, bucket, key_id,
               secret_file):
-    return f"""\
-# registry-gate on Garage, for bench/run; thrown away after the run.
-listen = "127.0.0.1:{port}"
-watch_interval_ms = 60000
-
-[tls]
-certificate = "{cert}"
-private_key = "{key}"
-
-[auth]
-htpasswd = "{htpasswd}"
-groups = "{groups}"
-
+    return configs.gate(port, cert, key, htpasswd, groups, backend=f"""\
 [storage]
 delete = true
 
@@ -198,10 +186,7 @@ prefix = "{PREFIX}"
 access_key_id = "{key_id}"
 secret_access_key_file = "{secret_file}"
 redirect = false
-
-[log]
-level = "warn"
-"""
+""")
 
 
 def registry_yaml(port, endpoint, region, bucket, key_id, secret, redirect):
