@@ -538,7 +538,8 @@ impl CachingProxy {
             size,
             progress,
         };
-        tokio::spawn(writer.run(rx));
+        // On a thread of the blocking pool: plain writes, hashed as they go.
+        tokio::task::spawn_blocking(move || writer.run(rx));
         let (parts, incoming) = resp.into_parts();
         Response::from_parts(
             parts,
@@ -736,7 +737,7 @@ impl http_body::Body for Tee {
                     this.batched += data.len();
                     this.left = this.left.saturating_sub(data.len() as u64);
                     this.batch.push(data.clone());
-                    if this.batched >= TEE_BATCH || this.left == 0 || this.inner.is_end_stream() {
+                    if this.batched >= TEE_BATCH || this.left == 0 {
                         this.send();
                     }
                 }
@@ -771,13 +772,9 @@ struct Writer {
 }
 
 impl Writer {
-    /// On a thread of the blocking pool: one plain `write` per chunk (no hop to the
-    /// pool and back for each, as `tokio::fs` would make), hashed as it goes.
-    async fn run(self, rx: mpsc::Receiver<Vec<Bytes>>) {
-        let _ = tokio::task::spawn_blocking(move || self.run_blocking(rx)).await;
-    }
-
-    fn run_blocking(self, mut rx: mpsc::Receiver<Vec<Bytes>>) {
+    /// Blocking: one plain `write` per chunk (no hop to the blocking pool and back for
+    /// each, as `tokio::fs` would make).
+    fn run(self, mut rx: mpsc::Receiver<Vec<Bytes>>) {
         // The file exists before anyone learns the size (followers open it then).
         let ok = match std::fs::File::create(&self.temp) {
             Ok(file) => {
