@@ -269,12 +269,17 @@ SSLSessionCache shmcb:{root}/ssl_scache(512000)
 """
 
 
-def registry(port, root, cert=None, key=None):
-    """The CNCF registry (Debian docker-registry), like registry:2's default config."""
+def registry(port, root=None, cert=None, key=None, driver=None):
+    """The CNCF registry (Debian docker-registry), like registry:2's default config: on
+    the filesystem at `root`, or with `driver`, the storage lines that replace it."""
     tls = f"""
   tls:
     certificate: {cert}
     key: {key}""" if cert else ""
+    driver = driver or f"""\
+  filesystem:
+    rootdirectory: {root}
+"""
     return f"""\
 version: 0.1
 log:
@@ -282,8 +287,7 @@ log:
   accesslog:
     disabled: true
 storage:
-  filesystem:
-    rootdirectory: {root}
+{driver.rstrip()}
   cache:
     blobdescriptor: inmemory
   delete:

@@ -8,12 +8,14 @@
   `Connection: close` and more requests than clients, each client reconnects and
   resumes its previous TLS session (h2load keeps it), so handshakes are resumed;
 * curl: one big download, and the upload sequence POST, (PATCH…), PUT ?digest=;
-  `curl --parallel` for many downloads at once that follow redirects (wrk cannot).
+  `curl --parallel` (curl_many) for many requests at once, redirects followed where
+  asked (wrk follows none).
 """
 
 import os
 import re
 import subprocess
+import tempfile
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -143,35 +145,6 @@ def download(url, expect_size, cafile):
     return res
 
 
-def parallel_downloads(urls, expect_size, cafile, parallel, follow=True):
-    """Every URL downloaded once by one `curl --parallel`, `parallel` transfers at a time
-    (HTTP/1.1: one connection per transfer in flight, kept for the later ones); `follow`
-    follows redirects (-L: a registry answering blob GETs with 307 to its store).
-    A Result in bytes, timed by the wall clock around curl."""
-    argv = _curl_base(cafile) + ["--parallel", "--parallel-immediate", "--parallel-max",
-                                 str(parallel), "-w", "%{http_code} %{size_download}\\n"]
-    if follow:
-        argv.append("--location")
-    for url in urls:
-        argv += ["-o", "/dev/null", url]
-    started = time.monotonic()
-    out = _run(argv, timeout=660)
-    res = Result(seconds=time.monotonic() - started)
-    bad = []
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0].isdigit():
-            if parts[0] == "200" and int(parts[1]) == expect_size:
-                res.count += expect_size
-            else:
-                bad.append(f"status {parts[0]}, {parts[1]} bytes")
-    done = res.count // expect_size if expect_size else 0
-    if bad or done != len(urls):
-        res.errors.append(f"{done} of {len(urls)} downloads complete"
-                          + (f" ({'; '.join(sorted(set(bad))[:3])})" if bad else ""))
-    return res
-
-
 def _curl_step(argv, headers_file, want):
     out = _run(argv + ["-D", headers_file, "-o", "/dev/null", "-w", "%{http_code}"], timeout=660)
     code = out.strip().split()[-1]
@@ -233,17 +206,21 @@ def _quoted(text):
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def curl_many(ops, parallel, cafile, want=("200",), bytes_each=None, unit_pairs=False):
+def curl_many(ops, parallel, cafile, want=("200",), bytes_each=None, unit_pairs=False,
+              follow=False):
     """Every op once, `parallel` at a time over HTTP/1.1 keep-alive connections (one
-    `curl --parallel` process). The count is requests, pairs of requests
-    (`unit_pairs`) or bytes (`bytes_each` per request); the time is the wall time of
-    the curl process."""
+    `curl --parallel` process; `follow`: redirects followed, as for a registry answering
+    blob GETs with 307 to its store). The count is requests, pairs of requests
+    (`unit_pairs`) or bytes (`bytes_each` per request, each answer checked to be that
+    long); the time is the wall time of the curl process."""
     lines = []
     for i, op in enumerate(ops):
         if i:
             lines.append("next")
         lines += ["http1.1", "silent", "show-error", "output = /dev/null",
-                  'write-out = "%{http_code}\\n"']
+                  'write-out = "%{http_code} %{size_download}\\n"']
+        if follow:
+            lines.append("location")
         if cafile:
             lines.append(f"cacert = {_quoted(cafile)}")
         if op.method == "HEAD":
@@ -256,29 +233,30 @@ def curl_many(ops, parallel, cafile, want=("200",), bytes_each=None, unit_pairs=
         for h in op.headers:
             lines.append(f"header = {_quoted(h)}")
         lines.append(f"url = {_quoted(op.url)}")
-    conf = f"/tmp/bench-curl-{os.getpid()}.conf"
-    with open(conf, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    started = time.monotonic()
-    try:
-        # Only stdout: with --parallel, curl 7.88 prints its progress meter to stderr
-        # even when told to be silent.
-        done = subprocess.run(["curl", "--no-progress-meter", "--parallel", "--parallel-max",
-                               str(parallel), "--config", conf],
-                              capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        raise LoadError(f"curl --parallel ({len(ops)} requests) did not finish within 600 s")
-    finally:
-        os.remove(conf)
-    out = done.stdout
-    seconds = time.monotonic() - started
-    codes = out.split()
+    with tempfile.NamedTemporaryFile("w", prefix="bench-curl-", suffix=".conf") as conf:
+        conf.write("\n".join(lines) + "\n")
+        conf.flush()
+        started = time.monotonic()
+        try:
+            # Only stdout: with --parallel, curl 7.88 prints its progress meter to
+            # stderr even when told to be silent.
+            done = subprocess.run(["curl", "--no-progress-meter", "--parallel",
+                                   "--parallel-immediate", "--parallel-max", str(parallel),
+                                   "--config", conf.name],
+                                  capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            raise LoadError(f"curl --parallel ({len(ops)} requests) did not finish within 600 s")
+        seconds = time.monotonic() - started
+    answers = [line.split() for line in done.stdout.splitlines() if line.strip()]
+    good = [a for a in answers if a[0] in want
+            and (bytes_each is None or a[1:] == [str(bytes_each)])]
     res = Result(seconds=seconds)
-    bad = [c for c in codes if c not in want]
-    if len(codes) != len(ops) or bad or done.returncode != 0:
-        res.errors.append(f"curl --parallel: {len(codes)} answers to {len(ops)} requests, "
-                          f"{len(bad)} not {'/'.join(want)} (first: {bad[:5]}), exit "
-                          f"{done.returncode}: {done.stderr.strip()[-300:]}")
-    done = len(codes) - len(bad)
-    res.count = done / 2 if unit_pairs else (done * bytes_each if bytes_each else done)
+    if len(answers) != len(ops) or len(good) != len(ops) or done.returncode != 0:
+        bad = sorted({" ".join(a) for a in answers if a not in good})
+        res.errors.append(f"curl --parallel: {len(good)} of {len(ops)} requests answered "
+                          f"{'/'.join(want)}{f' with {bytes_each} bytes' if bytes_each else ''}"
+                          f" (others: {bad[:3]}), exit {done.returncode}: "
+                          f"{done.stderr.strip()[-300:]}")
+    n = len(good)
+    res.count = n / 2 if unit_pairs else (n * bytes_each if bytes_each else n)
     return res

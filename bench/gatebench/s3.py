@@ -25,9 +25,9 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
-from . import checks, configs, load, report
+from . import checks, load, report
 from .configs import MANIFEST_ACCEPT, MANIFEST_TYPE
-from .procs import Proc, StartError, cpu_seconds, free_port, wait_http
+from .procs import StartError, cpu_seconds, free_port, wait_http
 from .scenarios import GIB, Scenario, workdir_free_gib
 from .servers import Front, basic
 from .setup import SetupError, UploadSource
@@ -172,9 +172,9 @@ class S3Front(Front):
     urls: tuple = ()
 
 
-def gate_toml(port, cert, key, htpasswd, groups, endpoint, region, bucket, key_id,
-              secret_file):
-    return configs.gate(port, cert, key, htpasswd, groups, backend=f"""\
+def gate_backend(endpoint, region, bucket, key_id, secret_file):
+    """The gate's [storage] sections on the bucket."""
+    return f"""\
 [storage]
 delete = true
 
@@ -186,19 +186,13 @@ prefix = "{PREFIX}"
 access_key_id = "{key_id}"
 secret_access_key_file = "{secret_file}"
 redirect = false
-""")
+"""
 
 
-def registry_yaml(port, endpoint, region, bucket, key_id, secret, redirect):
-    """docker-registry with its s3-aws driver (as tests/common/garage.rs writes it), plus
-    registry:2's default in-memory blob descriptor cache."""
+def registry_driver(endpoint, region, bucket, key_id, secret, redirect):
+    """docker-registry's storage lines for its s3-aws driver (as tests/common/garage.rs
+    writes them)."""
     return f"""\
-version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
   s3:
     accesskey: {key_id}
     secretkey: {secret}
@@ -209,75 +203,43 @@ storage:
     forcepathstyle: true
     secure: false
     v4auth: true
-  cache:
-    blobdescriptor: inmemory
-  delete:
-    enabled: true
   redirect:
     disable: {'false' if redirect else 'true'}
-  maintenance:
-    uploadpurging:
-      enabled: false
-http:
-  addr: 127.0.0.1:{port}
-  secret: registry-gate-bench-not-secret
-  headers:
-    X-Content-Type-Options: [nosniff]
 """
 
 
 class S3Servers:
-    def __init__(self, sup, work, gate_bin, certs, htpasswd, groups, content):
-        self.sup, self.work, self.gate_bin = sup, work, gate_bin
-        self.certs, self.htpasswd, self.groups = certs, htpasswd, groups
-        self.content = content
-        self.ca = certs["ca"]
-        for d in ("logs", "conf"):
-            os.makedirs(f"{work}/{d}", exist_ok=True)
+    """The S3 fronts, started through the run's `Servers` (its supervisor, work dir,
+    certificates and users)."""
 
-    def _conf(self, name, text, mode=0o644):
-        path = f"{self.work}/conf/{name}"
-        with open(path, "w") as f:
-            f.write(text)
-        os.chmod(path, mode)
-        return path
+    def __init__(self, servers):
+        self.servers = servers
+        self.work, self.content, self.ca = servers.work, servers.content, servers.ca
 
     def _gate(self, name, endpoint):
-        g, port = self.garage, free_port()
-        chain, key = self.certs["ec"]
-        conf = self._conf(f"{name}.toml", gate_toml(
-            port, chain, key, self.htpasswd, self.groups, endpoint, g.env["S3_REGION"],
-            g.env["S3_BUCKET"], g.env["S3_ACCESS_KEY_ID"], self.secret_file))
-        proc = self.sup.start(Proc(name, [self.gate_bin, "serve", "--config", conf],
-                                   f"{self.work}/logs/{name}.log", port))
-        wait_http(f"https://127.0.0.1:{port}/v2/", proc, cafile=self.ca, ok=(200, 401))
-        return proc
+        g = self.garage
+        return self.servers._gate(name, "ec", backend=gate_backend(
+            endpoint, g.env["S3_REGION"], g.env["S3_BUCKET"], g.env["S3_ACCESS_KEY_ID"],
+            self.secret_file))
 
     def _registry(self, name, endpoint, redirect):
-        g, port = self.garage, free_port()
-        conf = self._conf(f"{name}.yml", registry_yaml(
-            port, endpoint, g.env["S3_REGION"], g.env["S3_BUCKET"], g.env["S3_ACCESS_KEY_ID"],
-            g.env["S3_SECRET_ACCESS_KEY"], redirect), mode=0o600)
-        # Its s3-aws driver panics at start when AWS_CA_BUNDLE is set (2.8.2; the tests
-        # remove it too).
-        env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
-        proc = self.sup.start(Proc(name, ["docker-registry", "serve", conf],
-                                   f"{self.work}/logs/{name}.log", port, env=env))
-        wait_http(f"http://127.0.0.1:{port}/v2/", proc)
-        return proc
+        g = self.garage
+        return self.servers._registry(name, free_port(), driver=registry_driver(
+            endpoint, g.env["S3_REGION"], g.env["S3_BUCKET"], g.env["S3_ACCESS_KEY_ID"],
+            g.env["S3_SECRET_ACCESS_KEY"], redirect))
 
     def start(self, say, sizes):
         if workdir_free_gib(self.work) < need_gib(sizes):
             raise SetupError(f"{self.work}: less than {need_gib(sizes):.1f} GiB free for Garage")
         say(f"== S3: starting a three-node Garage cluster ({check_garage()})")
         t0 = time.monotonic()
-        self.garage = self.sup.start(GarageCluster(f"{self.work}/garage",
+        self.garage = self.servers.sup.start(GarageCluster(f"{self.work}/garage",
                                                    f"{self.work}/logs/garage.log"))
         say(f"  Garage up in {time.monotonic() - t0:.1f} s: S3 on "
             + ", ".join(e.split("//", 1)[1] for e in self.garage.endpoints)
             + f", processes {' '.join(map(str, self.garage.pids))}, "
             f"data under {self.garage.dir}")
-        self.secret_file = self._conf("s3-secret", self.garage.env["S3_SECRET_ACCESS_KEY"] + "\n",
+        self.secret_file = self.servers._conf("s3-secret", self.garage.env["S3_SECRET_ACCESS_KEY"] + "\n",
                                       mode=0o600)
         ep = self.garage.endpoints
         url = lambda proc: f"https://127.0.0.1:{proc.port}"
@@ -480,8 +442,8 @@ def build(s3, content, upload_source, sizes, ca):
     # download, the flat-memory target. curl --parallel --location for every front, so
     # that the redirecting registry is loaded by the same client as the others.
     def downloads(f, digest, size, per_url, parallel):
-        urls = [u + blob(digest) for _ in range(per_url) for u in f.urls]
-        return load.parallel_downloads(urls, size, ca, parallel, follow=True)
+        ops = [load.Op(u + blob(digest)) for _ in range(per_url) for u in f.urls]
+        return load.curl_many(ops, parallel, ca, bytes_each=size, follow=True)
 
     small_warm = lambda f: downloads(f, content.small, content.small_size, 1, 2)
     add("s3-big", f"S3: {content.big_size >> 20} MiB blob download, HTTP/1.1 (curl -L; two "

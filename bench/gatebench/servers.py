@@ -38,16 +38,18 @@ class Servers:
         os.makedirs(f"{work}/logs", exist_ok=True)
         os.makedirs(f"{work}/conf", exist_ok=True)
 
-    def _conf(self, name, text):
+    def _conf(self, name, text, mode=0o644):
         path = f"{self.work}/conf/{name}"
         with open(path, "w") as f:
             f.write(text)
+        os.chmod(path, mode)
         return path
 
-    def _proc(self, name, argv, port):
-        return Proc(name, argv, f"{self.work}/logs/{name}.log", port)
+    def _proc(self, name, argv, port, env=None):
+        return Proc(name, argv, f"{self.work}/logs/{name}.log", port, env=env)
 
     def _gate(self, name, cert, **backend):
+        """A gate; `backend`: configs.gate's upstream_port, storage_root or backend."""
         port = free_port()
         chain, key = self.certs[cert]
         conf = self._conf(f"{name}.toml", configs.gate(
@@ -61,10 +63,17 @@ class Servers:
         return self.sup.start(self._proc(f"nginx-{name}", ["nginx", "-p", self.work, "-c", conf],
                                          port))
 
-    def _registry(self, name, port, root, tls):
+    def _registry(self, name, port, root=None, tls=False, driver=None):
+        """docker-registry on `root`, or with the storage `driver` section (its config is
+        then private: it may hold a secret key)."""
         cert, key = self.certs["ec"] if tls else (None, None)
-        conf = self._conf(f"{name}.yml", configs.registry(port, root, cert, key))
-        proc = self.sup.start(self._proc(name, ["docker-registry", "serve", conf], port))
+        conf = self._conf(f"{name}.yml", configs.registry(port, root, cert, key, driver),
+                          mode=0o600 if driver else 0o644)
+        # Its s3-aws driver panics at start when AWS_CA_BUNDLE is set (2.8.2; the tests
+        # remove it too).
+        env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+        proc = self.sup.start(self._proc(name, ["docker-registry", "serve", conf], port,
+                                         env=env))
         scheme = "https" if tls else "http"
         wait_http(f"{scheme}://127.0.0.1:{port}/v2/", proc, cafile=self.ca)
         return proc
