@@ -78,6 +78,18 @@ fn curl_write(
 ) -> (i32, String, String) {
     let body = std::env::temp_dir().join(format!("rg-h2-body-{}", std::process::id()));
     std::fs::write(&body, vec![b'{'; 1024]).expect("write body");
+    curl_send(version, ca, method, url, user, &body)
+}
+
+/// `curl -X METHOD` with the file `body` over `version`; (exit code, status, output).
+fn curl_send(
+    version: &str,
+    ca: &Path,
+    method: &str,
+    url: &str,
+    user: Option<&str>,
+    body: &Path,
+) -> (i32, String, String) {
     let mut cmd = command("curl", "curl");
     cmd.args([
         "-sS",
@@ -228,41 +240,13 @@ fn check_too_large(base: &str, ca: &Path) {
     let body = std::env::temp_dir().join(format!("rg-h2-large-{}", std::process::id()));
     std::fs::write(&body, vec![b' '; 5 * 1024 * 1024]).expect("write body");
     let pusher = format!("{}:{}", common::PUSHER.0, common::PUSHER.1);
-    {
-        let version = "--http1.1";
-        let out = command("curl", "curl")
-            .args([
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                version,
-                "-X",
-                "PUT",
-            ])
-            .args([
-                "-H",
-                "Content-Type: application/vnd.oci.image.manifest.v1+json",
-            ])
-            .arg("--data-binary")
-            .arg(format!("@{}", body.display()))
-            .arg("--cacert")
-            .arg(ca)
-            .args(["-u", &pusher])
-            .arg(format!("{base}/v2/h2/app/manifests/big"))
-            .output()
-            .expect("run curl");
-        assert_eq!(
-            (
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).into_owned()
-            ),
-            (0, "413".to_owned()),
-            "curl {version} PUT of a 5 MiB manifest: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let url = format!("{base}/v2/h2/app/manifests/big");
+    let (code, status, err) = curl_send("--http1.1", ca, "PUT", &url, Some(&pusher), &body);
+    assert_eq!(
+        (code, status),
+        (0, "413".to_owned()),
+        "curl --http1.1 PUT of a 5 MiB manifest: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
