@@ -744,9 +744,9 @@ impl http_body::Body for Tee {
             }
             Poll::Ready(None) => this.send(),
             Poll::Ready(Some(Err(_))) => this.give_up(),
-            // The upstream is slow: what there is goes to the writer meanwhile, so
-            // that followers see it.
-            Poll::Pending => this.send(),
+            // Nothing is handed over while the upstream is pending: a partial batch
+            // each time would undo the batching (followers see a batch at a time).
+            Poll::Pending => {}
         }
         polled
     }
