@@ -41,12 +41,17 @@ enum Mode {
     Garbage,
     /// Closes right after reading the request, without a byte.
     CloseSilently,
+    /// Answers like `Healthy`, then closes the connection once it has been idle for
+    /// 100 ms (a keep-alive timeout, as Go's and nginx's servers have).
+    CloseWhenIdle,
 }
 
 /// A loopback TCP server whose behaviour the test switches.
 struct FakeUpstream {
     addr: SocketAddr,
     mode: Arc<Mutex<Mode>>,
+    /// Connections accepted so far.
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -63,16 +68,24 @@ impl FakeUpstream {
             .expect("bind the fake upstream");
         let mode = Arc::new(Mutex::new(mode));
         let shared = mode.clone();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let mode = shared.clone();
                 tokio::spawn(async move { serve(stream, mode).await });
             }
         });
-        FakeUpstream { addr, mode, task }
+        FakeUpstream {
+            addr,
+            mode,
+            accepted,
+            task,
+        }
     }
 
     fn set(&self, mode: Mode) {
@@ -81,6 +94,10 @@ impl FakeUpstream {
 
     fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -110,13 +127,20 @@ fn reset(stream: TcpStream) {
 }
 
 async fn serve(mut stream: TcpStream, mode: Arc<Mutex<Mode>>) {
+    let mut close_when_idle = false;
     loop {
-        if !read_head(&mut stream).await {
+        if close_when_idle {
+            match tokio::time::timeout(Duration::from_millis(100), read_head(&mut stream)).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return,
+            }
+        } else if !read_head(&mut stream).await {
             return;
         }
         let current = *mode.lock().expect("mode lock");
+        close_when_idle = current == Mode::CloseWhenIdle;
         match current {
-            Mode::Healthy => {
+            Mode::Healthy | Mode::CloseWhenIdle => {
                 let head = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
                     HEALTHY_BODY.len()
@@ -254,6 +278,48 @@ async fn assert_recovers(client: &Client, what: &str) {
             assert_eq!(resp.status, 200, "after {what}: {}", resp.text());
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused_and_one_the_upstream_closed_is_not() {
+    let upstream = FakeUpstream::start(Mode::Healthy).await;
+    let setup = Setup::start(upstream.url()).await;
+    let client = setup.client();
+    for _ in 0..20 {
+        let resp = client.get("/v2/fault/app/tags/list").await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(resp.body.as_ref(), HEALTHY_BODY);
+    }
+    // The gate's own readiness probe may have opened one more.
+    assert!(
+        upstream.accepted() <= 2,
+        "20 requests one after the other took {} upstream connections",
+        upstream.accepted()
+    );
+    // Now the upstream closes every connection after 100 ms idle: each request
+    // finds its pooled connection closed and must not fail for it.
+    upstream.set(Mode::CloseWhenIdle);
+    let _ = client.get("/v2/fault/app/tags/list").await;
+    let before = upstream.accepted();
+    for c in [client.clone(), client.http2()] {
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let resp = c.get("/v2/fault/app/tags/list").await;
+            assert_eq!(
+                resp.status,
+                200,
+                "a request after the upstream closed the idle connection: {}",
+                resp.text()
+            );
+            assert_eq!(resp.body.as_ref(), HEALTHY_BODY);
+        }
+    }
+    assert!(
+        upstream.accepted() >= before + 10,
+        "each request after an idle close needs a new connection: {} then {}",
+        before,
+        upstream.accepted()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
