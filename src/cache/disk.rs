@@ -1,21 +1,28 @@
-//! Content by digest on local disk: `<dir>/sha256/<ab>/<hex>` with a small
-//! `<hex>.meta` beside it (size, kind, media type), written whole or not at all (a
-//! temporary file in `<dir>/tmp`, renamed once its digest is checked), least recently
-//! used first out when `max_size` is passed.
+//! Content by digest on local disk, least recently used first out when `max_size`
+//! is passed:
+//! * blobs in `<dir>/sha256/<ab>/<hex>` with a small `<hex>.meta` beside it (size,
+//!   kind, media type), written whole or not at all (a temporary file in `<dir>/tmp`,
+//!   renamed once its digest is checked);
+//! * manifests appended to one file, `<dir>/manifests.pack` (see [`super::pack`]):
+//!   a few KiB each, they would cost more in inodes than in bytes.
 //!
-//! A file is checked against its digest before it is first served by this process,
-//! and again whenever it changed on disk since (size, inode, modification time): a
-//! corrupt or truncated file is removed and fetched again, never served.
+//! A blob file is checked against its digest before it is first served by this
+//! process, and again whenever it changed on disk since (size, inode, modification
+//! time); a manifest each time it is read from disk. What is corrupt or truncated is
+//! dropped and fetched again, never served.
 
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
+
+use super::pack::{self, Held, Live, Pack, Place};
 
 /// What a cached file holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,12 +49,49 @@ struct Entry {
     meta: Meta,
     used: u64,
     verified: Option<Stamp>,
+    /// In the manifest pack (else a file of its own).
+    place: Option<Place>,
 }
 
 #[derive(Default)]
 struct Index {
     entries: HashMap<String, Entry>,
+    /// The digests by last use (`Entry::used`): eviction takes the first, no scan.
+    order: std::collections::BTreeMap<u64, String>,
     total: u64,
+}
+
+impl Index {
+    fn insert(&mut self, digest: String, entry: Entry) -> Option<Entry> {
+        self.order.insert(entry.used, digest.clone());
+        let old = self.entries.insert(digest, entry);
+        if let Some(o) = &old {
+            self.order.remove(&o.used);
+        }
+        old
+    }
+
+    /// Mark `digest` used now (`used`, a fresh tick).
+    fn touch(&mut self, digest: &str, used: u64) -> Option<&mut Entry> {
+        let e = self.entries.get_mut(digest)?;
+        let key = self
+            .order
+            .remove(&e.used)
+            .unwrap_or_else(|| digest.to_owned());
+        e.used = used;
+        self.order.insert(used, key);
+        Some(e)
+    }
+
+    fn remove(&mut self, digest: &str) -> Option<Entry> {
+        let e = self.entries.remove(digest)?;
+        self.order.remove(&e.used);
+        Some(e)
+    }
+
+    fn oldest(&self) -> Option<String> {
+        self.order.first_key_value().map(|(_, d)| d.clone())
+    }
 }
 
 /// A cached file found and checked, open for reading.
@@ -62,6 +106,8 @@ pub struct DiskCache {
     dir: PathBuf,
     max: u64,
     index: Mutex<Index>,
+    /// Lock order: the pack's lock before the index's.
+    pack: Pack,
     tick: AtomicU64,
     temp_seq: AtomicU64,
     /// Files removed to stay under `max` (also in `/metrics`).
@@ -72,6 +118,13 @@ pub struct DiskCache {
 
 fn stamp(m: &std::fs::Metadata) -> Stamp {
     (m.len(), m.ino(), m.mtime(), m.mtime_nsec())
+}
+
+/// Mark an entry that is gone dead in the pack, if it is there.
+fn kill(held: &mut Held<'_>, e: &Entry) {
+    if let Some(place) = &e.place {
+        held.kill(place, e.meta.size);
+    }
 }
 
 /// The hex of a sha256 digest this cache can hold.
@@ -116,10 +169,12 @@ impl DiskCache {
         let tmp = dir.join("tmp");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
+        let (pack, records) = Pack::open(&dir.join("manifests.pack"))?;
         let cache = DiskCache {
             dir: dir.to_owned(),
             max,
             index: Mutex::new(Index::default()),
+            pack,
             tick: AtomicU64::new(1),
             temp_seq: AtomicU64::new(0),
             evictions,
@@ -155,18 +210,46 @@ impl DiskCache {
         }
         found.sort_by_key(|(t, _)| *t);
         {
+            let mut held = cache.pack.hold();
             let mut index = cache.lock();
             for (_, meta) in found {
                 index.total += meta.size;
                 let used = cache.tick.fetch_add(1, Ordering::Relaxed);
-                index.entries.insert(
+                index.insert(
                     meta.digest.clone(),
                     Entry {
                         meta,
                         used,
                         verified: None,
+                        place: None,
                     },
                 );
+            }
+            // The pack's records, oldest first; a later copy of a digest wins.
+            for r in records {
+                let place = held.place(&r);
+                let meta = Meta {
+                    digest: r.digest,
+                    size: r.len,
+                    kind: Kind::Manifest,
+                    media_type: r.media_type,
+                };
+                if hex_of(&meta.digest).is_none() {
+                    held.kill(&place, meta.size);
+                    continue;
+                }
+                index.total += meta.size;
+                let used = cache.tick.fetch_add(1, Ordering::Relaxed);
+                let entry = Entry {
+                    place: Some(place),
+                    meta,
+                    used,
+                    verified: None,
+                };
+                if let Some(old) = index.insert(entry.meta.digest.clone(), entry) {
+                    index.total -= old.meta.size;
+                    kill(&mut held, &old);
+                }
             }
         }
         cache.evict();
@@ -208,9 +291,11 @@ impl DiskCache {
         let hex = hex_of(digest)?;
         let (meta, verified) = {
             let mut index = self.lock();
+            if index.entries.get(digest)?.place.is_some() {
+                return None;
+            }
             let used = self.tick.fetch_add(1, Ordering::Relaxed);
-            let e = index.entries.get_mut(digest)?;
-            e.used = used;
+            let e = index.touch(digest, used)?;
             (e.meta.clone(), e.verified)
         };
         let path = self.data_path(hex);
@@ -290,23 +375,164 @@ impl DiskCache {
         std::fs::rename(temp, &data)?;
         let verified = std::fs::metadata(&data).ok().map(|m| stamp(&m));
         {
+            let mut held = self.pack.hold();
             let mut index = self.lock();
             let used = self.tick.fetch_add(1, Ordering::Relaxed);
-            let old = index.entries.insert(
+            let old = index.insert(
                 digest.to_owned(),
                 Entry {
                     meta,
                     used,
                     verified,
+                    place: None,
                 },
             );
             index.total += size;
             if let Some(old) = old {
                 index.total -= old.meta.size;
+                kill(&mut held, &old);
             }
         }
         self.evict();
         Ok(())
+    }
+
+    /// Append a manifest to the pack and index it; blocking.
+    fn put_manifest(
+        &self,
+        digest: &str,
+        bytes: &[u8],
+        media_type: Option<String>,
+    ) -> io::Result<()> {
+        let size = bytes.len() as u64;
+        if hex_of(digest).is_none() || size > self.max {
+            return Ok(());
+        }
+        let old = self.pack.append(
+            digest,
+            media_type.clone().as_deref(),
+            bytes,
+            |place, held| {
+                let mut index = self.lock();
+                let used = self.tick.fetch_add(1, Ordering::Relaxed);
+                let meta = Meta {
+                    digest: digest.to_owned(),
+                    size,
+                    kind: Kind::Manifest,
+                    media_type,
+                };
+                let entry = Entry {
+                    meta,
+                    used,
+                    verified: None,
+                    place: Some(place),
+                };
+                let old = index.insert(digest.to_owned(), entry);
+                index.total += size;
+                if let Some(old) = &old {
+                    index.total -= old.meta.size;
+                    kill(held, old);
+                }
+                old
+            },
+        )?;
+        // It replaces a manifest in a file of its own (an earlier version's).
+        if let Some(old) = old
+            && old.place.is_none()
+            && let Some(hex) = hex_of(digest)
+        {
+            let data = self.data_path(hex);
+            let _ = std::fs::remove_file(data.with_extension("meta"));
+            let _ = std::fs::remove_file(data);
+        }
+        self.evict();
+        Ok(())
+    }
+
+    /// A cached manifest's bytes and media type, checked against its digest;
+    /// blocking. Something corrupt is dropped (and counted), not returned.
+    pub fn read_manifest(&self, digest: &str, max: u64) -> Option<(Bytes, Option<String>)> {
+        let (place, meta) = {
+            let mut index = self.lock();
+            let e = index.entries.get(digest)?;
+            if e.meta.kind != Kind::Manifest || e.meta.size > max {
+                return None;
+            }
+            let used = self.tick.fetch_add(1, Ordering::Relaxed);
+            let e = index.touch(digest, used)?;
+            (e.place.clone(), e.meta.clone())
+        };
+        let bytes = match place {
+            Some(place) => {
+                let body = pack::read(&place, meta.size).ok();
+                let good = body
+                    .as_deref()
+                    .is_some_and(|b| sha256_of(b).is_ok_and(|d| d == digest));
+                if !good {
+                    self.corrupt.inc();
+                    tracing::warn!(
+                        digest,
+                        "cache: a corrupt manifest in the pack; fetching it again"
+                    );
+                    self.remove(digest);
+                    return None;
+                }
+                body?
+            }
+            // A manifest in a file of its own (written by an earlier version).
+            None => {
+                let found = self.open_checked(digest)?;
+                let mut buf = Vec::with_capacity(found.size as usize);
+                (&found.file).read_to_end(&mut buf).ok()?;
+                buf
+            }
+        };
+        Some((Bytes::from(bytes), meta.media_type))
+    }
+
+    /// Rewrite the pack when much of it is garbage; blocking.
+    fn maybe_rewrite(&self) {
+        if !self.pack.wants_rewrite() {
+            return;
+        }
+        let gather = || {
+            let index = self.lock();
+            let mut live: Vec<(u64, Live)> = index
+                .entries
+                .values()
+                .filter_map(|e| {
+                    let place = e.place.clone()?;
+                    Some((
+                        e.used,
+                        Live {
+                            digest: e.meta.digest.clone(),
+                            media_type: e.meta.media_type.clone(),
+                            place,
+                            len: e.meta.size,
+                        },
+                    ))
+                })
+                .collect();
+            // Least recently used first, as a restart reads them.
+            live.sort_by_key(|(used, _)| *used);
+            live.into_iter().map(|(_, l)| l).collect()
+        };
+        let then = |live: &[Live], places: Vec<Place>| {
+            let mut index = self.lock();
+            for (l, place) in live.iter().zip(places) {
+                // Unless it went meanwhile (a removal takes the index lock only).
+                if let Some(e) = index.entries.get_mut(&l.digest)
+                    && let Some(p) = &e.place
+                    && Arc::ptr_eq(&p.file, &l.place.file)
+                    && p.offset == l.place.offset
+                {
+                    e.place = Some(place);
+                }
+            }
+        };
+        if let Err(e) = self.pack.rewrite(gather, then) {
+            tracing::warn!("cache: cannot rewrite the manifest pack: {e}");
+        }
     }
 
     /// Write small content (a manifest) whole; blocking.
@@ -317,6 +543,9 @@ impl DiskCache {
         kind: Kind,
         media_type: Option<String>,
     ) -> io::Result<()> {
+        if kind == Kind::Manifest {
+            return self.put_manifest(digest, bytes, media_type);
+        }
         let temp = self.temp_path();
         std::fs::write(&temp, bytes)?;
         self.commit(&temp, digest, bytes.len() as u64, kind, media_type)
@@ -324,15 +553,20 @@ impl DiskCache {
 
     /// Forget `digest` and remove its files.
     pub fn remove(&self, digest: &str) {
+        let mut held = self.pack.hold();
         let removed = {
             let mut index = self.lock();
-            let e = index.entries.remove(digest);
+            let e = index.remove(digest);
             if let Some(e) = &e {
                 index.total -= e.meta.size;
             }
             e
         };
-        if removed.is_some()
+        if let Some(e) = &removed
+            && e.place.is_some()
+        {
+            kill(&mut held, e);
+        } else if removed.is_some()
             && let Some(hex) = hex_of(digest)
         {
             let data = self.data_path(hex);
@@ -348,20 +582,17 @@ impl DiskCache {
             let victim = {
                 let index = self.lock();
                 if index.total <= self.max {
-                    return;
+                    break;
                 }
-                index
-                    .entries
-                    .iter()
-                    .min_by_key(|(_, e)| e.used)
-                    .map(|(d, _)| d.clone())
+                index.oldest()
             };
             let Some(d) = victim else {
-                return;
+                break;
             };
             self.remove(&d);
             self.evictions.inc();
         }
+        self.maybe_rewrite();
     }
 
     /// Remove everything.
@@ -369,6 +600,9 @@ impl DiskCache {
         let all: Vec<String> = self.lock().entries.keys().cloned().collect();
         for d in all {
             self.remove(&d);
+        }
+        if let Err(e) = self.pack.clear() {
+            tracing::warn!("cache: cannot empty the manifest pack: {e}");
         }
     }
 
@@ -388,6 +622,7 @@ impl DiskCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write as _;
 
     fn digest(b: &[u8]) -> String {
         sha256_of(b).expect("hash")
@@ -424,5 +659,107 @@ mod tests {
         assert!(!c.contains(&hex));
         assert_eq!(c.corrupt.get(), 1);
         assert!(c.open_checked(&digest(&third)).is_some());
+    }
+
+    fn manifest(n: u8, len: usize) -> Vec<u8> {
+        let mut m = format!("{{\"schemaVersion\":2,\"n\":{n},\"pad\":\"").into_bytes();
+        m.resize(len - 2, b'a' + n % 26);
+        m.extend_from_slice(b"\"}");
+        m
+    }
+
+    #[test]
+    fn manifests_survive_a_restart_in_the_pack_and_a_cut_or_corrupt_record_is_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = || {
+            DiskCache::open(dir.path(), 1 << 20, Counter::default(), Counter::default())
+                .expect("open")
+        };
+        let c = open();
+        let ms: Vec<Vec<u8>> = (0..3).map(|n| manifest(n, 2000)).collect();
+        for m in &ms {
+            c.put_bytes(&digest(m), m, Kind::Manifest, Some("application/x".into()))
+                .expect("put");
+        }
+        for m in &ms {
+            let (bytes, media_type) = c.read_manifest(&digest(m), 1 << 20).expect("read");
+            assert_eq!(
+                (bytes.as_ref(), media_type.as_deref()),
+                (&m[..], Some("application/x"))
+            );
+        }
+        // One file for all of them, none of their own.
+        assert!(!c.data_path(hex_of(&digest(&ms[0])).expect("hex")).exists());
+        drop(c);
+        let pack = dir.path().join("manifests.pack");
+        let whole = std::fs::metadata(&pack).expect("pack").len();
+        // A record cut short by a crash: dropped at the next start, the rest kept.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&pack)
+            .expect("pack");
+        f.write_all(b"RGM1\x20\x00\x00\x00\x00\x10\x00\x00\x00\x00\x00\x00{\"dig")
+            .expect("append");
+        drop(f);
+        let c = open();
+        assert_eq!(c.usage(), (6000, 3), "the whole records survive a restart");
+        assert_eq!(
+            std::fs::metadata(&pack).expect("pack").len(),
+            whole,
+            "the cut record is gone"
+        );
+        // A flipped byte in a body: not served, dropped, counted.
+        let mut bytes = std::fs::read(&pack).expect("read pack");
+        let at = bytes
+            .windows(ms[1].len())
+            .position(|w| w == &ms[1][..])
+            .expect("the body in the pack");
+        bytes[at + 100] ^= 1;
+        std::fs::write(&pack, &bytes).expect("corrupt it");
+        assert!(c.read_manifest(&digest(&ms[1]), 1 << 20).is_none());
+        assert!(!c.contains(&digest(&ms[1])));
+        assert_eq!(c.corrupt.get(), 1);
+        assert!(c.read_manifest(&digest(&ms[0]), 1 << 20).is_some());
+        assert!(c.read_manifest(&digest(&ms[2]), 1 << 20).is_some());
+    }
+
+    #[test]
+    fn the_pack_is_rewritten_when_evictions_leave_it_mostly_garbage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let max = 4 << 20;
+        let c =
+            DiskCache::open(dir.path(), max, Counter::default(), Counter::default()).expect("open");
+        let ms: Vec<Vec<u8>> = (0..20).map(|n| manifest(n, 1 << 20)).collect();
+        for m in &ms {
+            c.put_bytes(&digest(m), m, Kind::Manifest, None)
+                .expect("put");
+        }
+        let pack = dir.path().join("manifests.pack");
+        let len = std::fs::metadata(&pack).expect("pack").len();
+        assert!(c.usage().0 <= max);
+        assert!(
+            len <= 12 << 20,
+            "20 MiB appended, at most 4 MiB live: the pack was rewritten ({len} bytes)"
+        );
+        let live: Vec<&Vec<u8>> = ms.iter().filter(|m| c.contains(&digest(m))).collect();
+        assert!(!live.is_empty());
+        for m in &live {
+            let (bytes, _) = c
+                .read_manifest(&digest(m), max)
+                .expect("live after the rewrite");
+            assert_eq!(bytes.as_ref(), &m[..]);
+        }
+        let n = live.len();
+        drop(c);
+        let c = DiskCache::open(dir.path(), max, Counter::default(), Counter::default())
+            .expect("reopen");
+        assert_eq!(
+            c.usage().1,
+            n,
+            "the rewritten pack reopens with the same entries"
+        );
+        for m in &live {
+            assert!(c.read_manifest(&digest(m), max).is_some());
+        }
     }
 }

@@ -16,6 +16,7 @@
 //!   directly stop being served within `confirm_secs`.
 
 pub mod disk;
+mod pack;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -59,11 +60,41 @@ struct Fill {
     progress: watch::Receiver<Progress>,
 }
 
-/// Manifests in memory, least recently used out.
+/// Manifests in memory, least recently used out: `order` lists the keys by last
+/// use, so a full map loses its oldest entry without a scan.
 #[derive(Default)]
 struct Memory {
     map: HashMap<String, (Bytes, String, u64)>,
+    order: std::collections::BTreeMap<u64, String>,
     tick: u64,
+}
+
+impl Memory {
+    fn get(&mut self, d: &str) -> Option<(Bytes, String)> {
+        let e = self.map.get_mut(d)?;
+        self.tick += 1;
+        let key = self.order.remove(&e.2).unwrap_or_else(|| d.to_owned());
+        e.2 = self.tick;
+        self.order.insert(self.tick, key);
+        Some((e.0.clone(), e.1.clone()))
+    }
+
+    fn put(&mut self, d: &str, bytes: Bytes, media_type: String, cap: usize) {
+        self.tick += 1;
+        if let Some(old) = self
+            .map
+            .insert(d.to_owned(), (bytes, media_type, self.tick))
+        {
+            self.order.remove(&old.2);
+        }
+        self.order.insert(self.tick, d.to_owned());
+        while self.map.len() > cap {
+            let Some((_, oldest)) = self.order.pop_first() else {
+                break;
+            };
+            self.map.remove(&oldest);
+        }
+    }
 }
 
 pub struct CachingProxy {
@@ -169,33 +200,14 @@ impl CachingProxy {
     }
 
     fn memory_get(&self, d: &str) -> Option<(Bytes, String)> {
-        let mut m = lock(&self.memory);
-        m.tick += 1;
-        let tick = m.tick;
-        m.map.get_mut(d).map(|e| {
-            e.2 = tick;
-            (e.0.clone(), e.1.clone())
-        })
+        lock(&self.memory).get(d)
     }
 
     fn memory_put(&self, d: &str, bytes: Bytes, media_type: String) {
         if self.memory_entries == 0 {
             return;
         }
-        let mut m = lock(&self.memory);
-        m.tick += 1;
-        let tick = m.tick;
-        if m.map.len() >= self.memory_entries
-            && !m.map.contains_key(d)
-            && let Some(oldest) = m
-                .map
-                .iter()
-                .min_by_key(|(_, e)| e.2)
-                .map(|(k, _)| k.clone())
-        {
-            m.map.remove(&oldest);
-        }
-        m.map.insert(d.to_owned(), (bytes, media_type, tick));
+        lock(&self.memory).put(d, bytes, media_type, self.memory_entries);
     }
 
     /// The upstream's answer to a `HEAD` like `req` (same path and `Accept`).
@@ -303,14 +315,8 @@ impl CachingProxy {
         let disk = self.disk.clone();
         let digest = d.to_owned();
         let found = tokio::task::spawn_blocking(move || {
-            use std::io::Read as _;
-            let found = disk.open_checked(&digest)?;
-            if found.kind != Kind::Manifest || found.size > MAX_MANIFEST {
-                return None;
-            }
-            let mut buf = Vec::with_capacity(found.size as usize);
-            (&found.file).read_to_end(&mut buf).ok()?;
-            Some((Bytes::from(buf), found.media_type.unwrap_or_default()))
+            let (bytes, media_type) = disk.read_manifest(&digest, MAX_MANIFEST)?;
+            Some((bytes, media_type.unwrap_or_default()))
         })
         .await
         .ok()
@@ -881,4 +887,24 @@ pub fn command(config: &CacheConfig, clear: bool) -> Result<String, String> {
         return Ok(format!("{stats}; cleared"));
     }
     Ok(stats)
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+
+    #[test]
+    fn the_least_recently_used_manifest_leaves_a_full_memory() {
+        let mut m = Memory::default();
+        let put = |m: &mut Memory, d: &str| m.put(d, Bytes::from(d.to_owned()), "t".into(), 2);
+        put(&mut m, "a");
+        put(&mut m, "b");
+        assert!(m.get("a").is_some(), "a used after b");
+        put(&mut m, "c");
+        assert!(m.get("b").is_none(), "b was the least recently used");
+        assert!(m.get("a").is_some() && m.get("c").is_some());
+        // Putting one again does not count it twice.
+        put(&mut m, "c");
+        assert_eq!((m.map.len(), m.order.len()), (2, 2));
+    }
 }
