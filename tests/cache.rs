@@ -250,6 +250,14 @@ async fn eviction_corruption_and_restart() {
     for (b, d) in &blobs {
         let (status, body) = get_blob(&anon, "cache/evict", d).await;
         assert_eq!((status, body.len()), (200, b.len()));
+        // Kept (its writer finished) before the next one: the order of use is the
+        // order of these GETs.
+        let hex = d.trim_start_matches("sha256:");
+        let kept = c.cache_dir.path().join("sha256").join(&hex[..2]).join(hex);
+        eventually("the blob in the cache", || async {
+            kept.exists().then_some(())
+        })
+        .await;
     }
     // 1.2 MiB fetched under a 1 MiB cap: the least recently used went.
     let path = |d: &str| format!("/v2/cache/evict/blobs/{d}");
@@ -291,6 +299,27 @@ async fn eviction_corruption_and_restart() {
     assert_eq!(sha256_digest(&body), blobs[2].1);
     upstream_saw(stack, "GET", &path(&blobs[2].1), 3).await;
 
+    // A manifest by digest, kept in the manifest pack.
+    let small = pseudo_random_bytes(1000, 30);
+    let image = push_image(
+        &pusher,
+        "cache/evict",
+        "m1",
+        std::slice::from_ref(&small),
+        UploadMode::Monolithic,
+    )
+    .await;
+    let mpath = format!("/v2/cache/evict/manifests/{}", image.manifest_digest);
+    let accept = [("accept", "application/vnd.oci.image.manifest.v1+json")];
+    let resp = anon.request("GET", &mpath, &accept, empty()).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(&resp.body[..], &image.manifest[..]);
+    upstream_saw(stack, "GET", &mpath, 1).await;
+    assert!(
+        c.cache_dir.path().join("manifests.pack").exists(),
+        "manifests are kept in the pack"
+    );
+
     // A restart keeps what is cached: a HEAD confirms, the body comes from disk.
     let config = std::fs::read_to_string(&stack.gate.files.config).expect("config");
     let Cached {
@@ -327,6 +356,21 @@ async fn eviction_corruption_and_restart() {
             .count(),
         3,
         "served from the cache after the restart"
+    );
+    let resp = client.request("GET", &mpath, &accept, empty()).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(&resp.body[..], &image.manifest[..]);
+    assert_eq!(
+        resp.header("content-type"),
+        Some("application/vnd.oci.image.manifest.v1+json")
+    );
+    assert_eq!(
+        upstream
+            .access_log()
+            .matches(&format!("\"GET {mpath} HTTP/1.1\""))
+            .count(),
+        1,
+        "the manifest served from the pack after the restart"
     );
     // `registry-gate cache stats` and `clear`.
     let stats = cache_command("stats", &restarted.files.config);
