@@ -395,9 +395,11 @@ pub async fn purge(
             };
             let objects = store.storage().list(&Layout.upload_dir(&repo, &id)).await?;
             let newest = objects.iter().map(|(_, m)| m.modified).max();
-            let old = newest
-                .and_then(|t| now.duration_since(t).ok())
-                .is_none_or(|a| a > age);
+            // Written after this pass began (later than `now`): young, not unknown.
+            let old = match newest {
+                None => true,
+                Some(t) => now.duration_since(t).is_ok_and(|a| a > age),
+            };
             if !old {
                 continue;
             }
