@@ -19,8 +19,9 @@
 //!       ├ error    every error a client sees: OCI error JSON + status
 //!       └ backend  the trait the gate calls without knowing what is behind it
 //!            └ proxy    Backend for an external upstream registry (pooled, streaming)
-//!              └ cache  [cache]: content by digest kept on disk (and manifests in
-//!                       memory), served only for repositories the upstream confirmed
+//!              └ cache  [cache]: content by digest kept on disk (blobs as files,
+//!                       manifests in one append-only pack; manifests also in memory),
+//!                       served only for repositories the upstream confirmed
 //!
 //!            └ registry the built-in registry (all-in-one): OCI distribution API
 //!                       (uploads, manifests, listing, gc) written once over
