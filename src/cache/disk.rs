@@ -11,17 +11,17 @@
 //! time); a manifest each time it is read from disk. What is corrupt or truncated is
 //! dropped and fetched again, never served.
 
-use std::collections::HashMap;
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 
+use super::lru::Lru;
 use super::pack::{self, Held, Live, Pack, Place};
 
 /// What a cached file holds.
@@ -47,7 +47,6 @@ type Stamp = (u64, u64, i64, i64);
 #[derive(Debug, Clone)]
 struct Entry {
     meta: Meta,
-    used: u64,
     verified: Option<Stamp>,
     /// In the manifest pack (else a file of its own).
     place: Option<Place>,
@@ -55,43 +54,9 @@ struct Entry {
 
 #[derive(Default)]
 struct Index {
-    entries: HashMap<String, Entry>,
-    /// The digests by last use (`Entry::used`): eviction takes the first, no scan.
-    order: std::collections::BTreeMap<u64, String>,
+    /// By digest, in the order of use: eviction takes the oldest.
+    entries: Lru<Entry>,
     total: u64,
-}
-
-impl Index {
-    fn insert(&mut self, digest: String, entry: Entry) -> Option<Entry> {
-        self.order.insert(entry.used, digest.clone());
-        let old = self.entries.insert(digest, entry);
-        if let Some(o) = &old {
-            self.order.remove(&o.used);
-        }
-        old
-    }
-
-    /// Mark `digest` used now (`used`, a fresh tick).
-    fn touch(&mut self, digest: &str, used: u64) -> Option<&mut Entry> {
-        let e = self.entries.get_mut(digest)?;
-        let key = self
-            .order
-            .remove(&e.used)
-            .unwrap_or_else(|| digest.to_owned());
-        e.used = used;
-        self.order.insert(used, key);
-        Some(e)
-    }
-
-    fn remove(&mut self, digest: &str) -> Option<Entry> {
-        let e = self.entries.remove(digest)?;
-        self.order.remove(&e.used);
-        Some(e)
-    }
-
-    fn oldest(&self) -> Option<String> {
-        self.order.first_key_value().map(|(_, d)| d.clone())
-    }
 }
 
 /// A cached file found and checked, open for reading.
@@ -108,7 +73,6 @@ pub struct DiskCache {
     index: Mutex<Index>,
     /// Lock order: the pack's lock before the index's.
     pack: Pack,
-    tick: AtomicU64,
     temp_seq: AtomicU64,
     /// Files removed to stay under `max` (also in `/metrics`).
     pub evictions: Counter,
@@ -175,7 +139,6 @@ impl DiskCache {
             max,
             index: Mutex::new(Index::default()),
             pack,
-            tick: AtomicU64::new(1),
             temp_seq: AtomicU64::new(0),
             evictions,
             corrupt,
@@ -214,12 +177,10 @@ impl DiskCache {
             let mut index = cache.lock();
             for (_, meta) in found {
                 index.total += meta.size;
-                let used = cache.tick.fetch_add(1, Ordering::Relaxed);
-                index.insert(
+                index.entries.insert(
                     meta.digest.clone(),
                     Entry {
                         meta,
-                        used,
                         verified: None,
                         place: None,
                     },
@@ -239,14 +200,12 @@ impl DiskCache {
                     continue;
                 }
                 index.total += meta.size;
-                let used = cache.tick.fetch_add(1, Ordering::Relaxed);
                 let entry = Entry {
                     place: Some(place),
                     meta,
-                    used,
                     verified: None,
                 };
-                if let Some(old) = index.insert(entry.meta.digest.clone(), entry) {
+                if let Some(old) = index.entries.insert(entry.meta.digest.clone(), entry) {
                     index.total -= old.meta.size;
                     kill(&mut held, &old);
                 }
@@ -269,14 +228,14 @@ impl DiskCache {
 
     /// Whether `digest` is cached (not checked yet).
     pub fn contains(&self, digest: &str) -> bool {
-        self.lock().entries.contains_key(digest)
+        self.lock().entries.contains(digest)
     }
 
     /// Size, kind and media type of a cached digest (not checked: for a `HEAD`).
     pub fn peek(&self, digest: &str) -> Option<(u64, Kind, Option<String>)> {
         self.lock()
             .entries
-            .get(digest)
+            .peek(digest)
             .map(|e| (e.meta.size, e.meta.kind, e.meta.media_type.clone()))
     }
 
@@ -291,11 +250,10 @@ impl DiskCache {
         let hex = hex_of(digest)?;
         let (meta, verified) = {
             let mut index = self.lock();
-            if index.entries.get(digest)?.place.is_some() {
+            if index.entries.peek(digest)?.place.is_some() {
                 return None;
             }
-            let used = self.tick.fetch_add(1, Ordering::Relaxed);
-            let e = index.touch(digest, used)?;
+            let e = index.entries.touch(digest)?;
             (e.meta.clone(), e.verified)
         };
         let path = self.data_path(hex);
@@ -319,7 +277,7 @@ impl DiskCache {
                 self.remove(digest);
                 return None;
             }
-            if let Some(e) = self.lock().entries.get_mut(digest) {
+            if let Some(e) = self.lock().entries.peek_mut(digest) {
                 e.verified = Some(now);
             }
         }
@@ -377,12 +335,10 @@ impl DiskCache {
         {
             let mut held = self.pack.hold();
             let mut index = self.lock();
-            let used = self.tick.fetch_add(1, Ordering::Relaxed);
-            let old = index.insert(
+            let old = index.entries.insert(
                 digest.to_owned(),
                 Entry {
                     meta,
-                    used,
                     verified,
                     place: None,
                 },
@@ -414,7 +370,6 @@ impl DiskCache {
             bytes,
             |place, held| {
                 let mut index = self.lock();
-                let used = self.tick.fetch_add(1, Ordering::Relaxed);
                 let meta = Meta {
                     digest: digest.to_owned(),
                     size,
@@ -423,11 +378,10 @@ impl DiskCache {
                 };
                 let entry = Entry {
                     meta,
-                    used,
                     verified: None,
                     place: Some(place),
                 };
-                let old = index.insert(digest.to_owned(), entry);
+                let old = index.entries.insert(digest.to_owned(), entry);
                 index.total += size;
                 if let Some(old) = &old {
                     index.total -= old.meta.size;
@@ -437,13 +391,8 @@ impl DiskCache {
             },
         )?;
         // It replaces a manifest in a file of its own (an earlier version's).
-        if let Some(old) = old
-            && old.place.is_none()
-            && let Some(hex) = hex_of(digest)
-        {
-            let data = self.data_path(hex);
-            let _ = std::fs::remove_file(data.with_extension("meta"));
-            let _ = std::fs::remove_file(data);
+        if old.is_some_and(|o| o.place.is_none()) {
+            self.remove_files(digest);
         }
         self.evict();
         Ok(())
@@ -454,12 +403,11 @@ impl DiskCache {
     pub fn read_manifest(&self, digest: &str, max: u64) -> Option<(Bytes, Option<String>)> {
         let (place, meta) = {
             let mut index = self.lock();
-            let e = index.entries.get(digest)?;
+            let e = index.entries.peek(digest)?;
             if e.meta.kind != Kind::Manifest || e.meta.size > max {
                 return None;
             }
-            let used = self.tick.fetch_add(1, Ordering::Relaxed);
-            let e = index.touch(digest, used)?;
+            let e = index.entries.touch(digest)?;
             (e.place.clone(), e.meta.clone())
         };
         let bytes = match place {
@@ -495,37 +443,26 @@ impl DiskCache {
         if !self.pack.wants_rewrite() {
             return;
         }
+        // Least recently used first, as a restart reads them. Every change of an
+        // entry's place holds the pack, so none comes between the two closures.
         let gather = || {
             let index = self.lock();
-            let mut live: Vec<(u64, Live)> = index
+            index
                 .entries
-                .values()
-                .filter_map(|e| {
-                    let place = e.place.clone()?;
-                    Some((
-                        e.used,
-                        Live {
-                            digest: e.meta.digest.clone(),
-                            media_type: e.meta.media_type.clone(),
-                            place,
-                            len: e.meta.size,
-                        },
-                    ))
+                .by_use()
+                .filter_map(|(_, e)| {
+                    Some(Live {
+                        digest: e.meta.digest.clone(),
+                        place: e.place.clone()?,
+                        len: e.meta.size,
+                    })
                 })
-                .collect();
-            // Least recently used first, as a restart reads them.
-            live.sort_by_key(|(used, _)| *used);
-            live.into_iter().map(|(_, l)| l).collect()
+                .collect()
         };
         let then = |live: &[Live], places: Vec<Place>| {
             let mut index = self.lock();
             for (l, place) in live.iter().zip(places) {
-                // Unless it went meanwhile (a removal takes the index lock only).
-                if let Some(e) = index.entries.get_mut(&l.digest)
-                    && let Some(p) = &e.place
-                    && Arc::ptr_eq(&p.file, &l.place.file)
-                    && p.offset == l.place.offset
-                {
+                if let Some(e) = index.entries.peek_mut(&l.digest) {
                     e.place = Some(place);
                 }
             }
@@ -556,19 +493,25 @@ impl DiskCache {
         let mut held = self.pack.hold();
         let removed = {
             let mut index = self.lock();
-            let e = index.remove(digest);
+            let e = index.entries.remove(digest);
             if let Some(e) = &e {
                 index.total -= e.meta.size;
             }
             e
         };
-        if let Some(e) = &removed
-            && e.place.is_some()
-        {
-            kill(&mut held, e);
-        } else if removed.is_some()
-            && let Some(hex) = hex_of(digest)
-        {
+        match removed {
+            Some(e) if e.place.is_some() => kill(&mut held, &e),
+            Some(_) => {
+                drop(held);
+                self.remove_files(digest);
+            }
+            None => {}
+        }
+    }
+
+    /// The content and `.meta` files of `digest`.
+    fn remove_files(&self, digest: &str) {
+        if let Some(hex) = hex_of(digest) {
             let data = self.data_path(hex);
             let _ = std::fs::remove_file(data.with_extension("meta"));
             let _ = std::fs::remove_file(data);
@@ -584,7 +527,7 @@ impl DiskCache {
                 if index.total <= self.max {
                     break;
                 }
-                index.oldest()
+                index.entries.oldest().map(str::to_owned)
             };
             let Some(d) = victim else {
                 break;

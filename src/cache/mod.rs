@@ -16,6 +16,7 @@
 //!   directly stop being served within `confirm_secs`.
 
 pub mod disk;
+mod lru;
 mod pack;
 
 use std::collections::HashMap;
@@ -60,42 +61,8 @@ struct Fill {
     progress: watch::Receiver<Progress>,
 }
 
-/// Manifests in memory, least recently used out: `order` lists the keys by last
-/// use, so a full map loses its oldest entry without a scan.
-#[derive(Default)]
-struct Memory {
-    map: HashMap<String, (Bytes, String, u64)>,
-    order: std::collections::BTreeMap<u64, String>,
-    tick: u64,
-}
-
-impl Memory {
-    fn get(&mut self, d: &str) -> Option<(Bytes, String)> {
-        let e = self.map.get_mut(d)?;
-        self.tick += 1;
-        let key = self.order.remove(&e.2).unwrap_or_else(|| d.to_owned());
-        e.2 = self.tick;
-        self.order.insert(self.tick, key);
-        Some((e.0.clone(), e.1.clone()))
-    }
-
-    fn put(&mut self, d: &str, bytes: Bytes, media_type: String, cap: usize) {
-        self.tick += 1;
-        if let Some(old) = self
-            .map
-            .insert(d.to_owned(), (bytes, media_type, self.tick))
-        {
-            self.order.remove(&old.2);
-        }
-        self.order.insert(self.tick, d.to_owned());
-        while self.map.len() > cap {
-            let Some((_, oldest)) = self.order.pop_first() else {
-                break;
-            };
-            self.map.remove(&oldest);
-        }
-    }
-}
+/// Manifests in memory (bytes and media type), least recently used out.
+type Memory = lru::Lru<(Bytes, String)>;
 
 pub struct CachingProxy {
     proxy: Proxy,
@@ -200,14 +167,16 @@ impl CachingProxy {
     }
 
     fn memory_get(&self, d: &str) -> Option<(Bytes, String)> {
-        lock(&self.memory).get(d)
+        lock(&self.memory)
+            .touch(d)
+            .map(|(b, t)| (b.clone(), t.clone()))
     }
 
     fn memory_put(&self, d: &str, bytes: Bytes, media_type: String) {
         if self.memory_entries == 0 {
             return;
         }
-        lock(&self.memory).put(d, bytes, media_type, self.memory_entries);
+        lock(&self.memory).insert_within(d.to_owned(), (bytes, media_type), self.memory_entries);
     }
 
     /// The upstream's answer to a `HEAD` like `req` (same path and `Accept`).
@@ -887,24 +856,4 @@ pub fn command(config: &CacheConfig, clear: bool) -> Result<String, String> {
         return Ok(format!("{stats}; cleared"));
     }
     Ok(stats)
-}
-
-#[cfg(test)]
-mod memory_tests {
-    use super::*;
-
-    #[test]
-    fn the_least_recently_used_manifest_leaves_a_full_memory() {
-        let mut m = Memory::default();
-        let put = |m: &mut Memory, d: &str| m.put(d, Bytes::from(d.to_owned()), "t".into(), 2);
-        put(&mut m, "a");
-        put(&mut m, "b");
-        assert!(m.get("a").is_some(), "a used after b");
-        put(&mut m, "c");
-        assert!(m.get("b").is_none(), "b was the least recently used");
-        assert!(m.get("a").is_some() && m.get("c").is_some());
-        // Putting one again does not count it twice.
-        put(&mut m, "c");
-        assert_eq!((m.map.len(), m.order.len()), (2, 2));
-    }
 }

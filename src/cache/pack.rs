@@ -49,8 +49,8 @@ pub struct Record {
 /// A record kept by a rewrite.
 pub struct Live {
     pub digest: String,
-    pub media_type: Option<String>,
     pub place: Place,
+    /// The body's length.
     pub len: u64,
 }
 
@@ -188,9 +188,9 @@ impl Pack {
         state.garbage >= COMPACT_AFTER && state.garbage * 2 >= state.len
     }
 
-    /// Rewrite the pack with the live records only; blocking. `gather` lists them
-    /// (digest, media type, place, length) and `then` gets each one's new place, in
-    /// the same order, both with the pack locked: no append comes between.
+    /// Rewrite the pack with the live records only, copied as they are; blocking.
+    /// `gather` lists them and `then` gets each one's new place, in the same order,
+    /// both with the pack locked: no append comes between.
     pub fn rewrite(
         &self,
         gather: impl FnOnce() -> Vec<Live>,
@@ -209,10 +209,11 @@ impl Pack {
         let mut offsets = Vec::with_capacity(live.len());
         let mut at = 0u64;
         for l in &live {
-            let body = read(&l.place, l.len)?;
-            let record = encode(&l.digest, l.media_type.as_deref(), &body)?;
+            let head = l.place.offset - l.place.start;
+            let mut record = vec![0u8; (head + l.len) as usize];
+            l.place.file.read_exact_at(&mut record, l.place.start)?;
             out.write_all(&record)?;
-            offsets.push((at, at + (record.len() - body.len()) as u64));
+            offsets.push((at, at + head));
             at += record.len() as u64;
         }
         let file = out.into_inner().map_err(|e| e.into_error())?;
