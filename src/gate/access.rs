@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use http::header::HeaderValue;
+use http::header::{HeaderName, HeaderValue};
 use http::{Method, Response, Version};
 
 use crate::body::{self, Body, Counted, OnEnd};
@@ -83,12 +83,14 @@ impl OnEnd for AccessLog {
 /// Step 5: headers every response carries, and the access log on the body's end.
 pub(super) fn finish(resp: Response<Body>, mut log: AccessLog) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
-    parts.headers.insert(
-        crate::API_VERSION_HEADER,
-        HeaderValue::from_static(crate::API_VERSION),
-    );
+    // Names, not strings: a `&str` key is parsed on every insert.
+    const API_VERSION: HeaderName = HeaderName::from_static(crate::API_VERSION_HEADER);
+    const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    parts
+        .headers
+        .insert(API_VERSION, HeaderValue::from_static(crate::API_VERSION));
     if let Ok(v) = HeaderValue::from_str(&log.id) {
-        parts.headers.insert("x-request-id", v);
+        parts.headers.insert(REQUEST_ID, v);
     }
     log.status = parts.status.as_u16();
     let counter = log.bytes_out.clone();

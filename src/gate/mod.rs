@@ -517,7 +517,12 @@ impl Gate {
         let host = request_host(req)?;
         let public_base = match &self.public_url {
             Some(url) => url.clone(),
-            None => format!("https://{host}"),
+            None => {
+                let mut base = String::with_capacity(8 + host.len());
+                base.push_str("https://");
+                base.push_str(&host);
+                base
+            }
         };
         let service = match &self.tokens.service {
             Some(s) => s.clone(),
