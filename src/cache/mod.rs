@@ -15,6 +15,7 @@
 //! * Deletes through the gate end the confirmation at once; deletes done upstream
 //!   directly stop being served within `confirm_secs`.
 
+mod confirm;
 pub mod disk;
 mod lru;
 mod pack;
@@ -22,7 +23,7 @@ mod pack;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -61,6 +62,9 @@ struct Fill {
     progress: watch::Receiver<Progress>,
 }
 
+/// Below this many confirmations, stale ones are not swept.
+const CONFIRM_SWEEP_FLOOR: usize = 10_000;
+
 /// Manifests in memory (bytes and media type), least recently used out.
 type Memory = lru::Lru<(Bytes, String)>;
 
@@ -69,8 +73,7 @@ pub struct CachingProxy {
     disk: Arc<DiskCache>,
     memory: Mutex<Memory>,
     memory_entries: usize,
-    confirmed: Mutex<HashMap<(String, String), Instant>>,
-    confirm: Duration,
+    confirmed: Mutex<confirm::Confirmations>,
     fills: Arc<Mutex<HashMap<String, Arc<Fill>>>>,
     metrics: Arc<Metrics>,
 }
@@ -125,8 +128,10 @@ impl CachingProxy {
             disk: Arc::new(disk),
             memory: Mutex::new(Memory::default()),
             memory_entries: config.memory_entries,
-            confirmed: Mutex::new(HashMap::new()),
-            confirm: Duration::from_secs(config.confirm_secs),
+            confirmed: Mutex::new(confirm::Confirmations::new(
+                Duration::from_secs(config.confirm_secs),
+                CONFIRM_SWEEP_FLOOR,
+            )),
             fills: Arc::new(Mutex::new(HashMap::new())),
             metrics,
         })
@@ -148,22 +153,15 @@ impl CachingProxy {
     }
 
     fn is_confirmed(&self, repo: &RepoName, d: &Digest) -> bool {
-        lock(&self.confirmed)
-            .get(&(repo.as_str().to_owned(), d.as_str().to_owned()))
-            .is_some_and(|at| at.elapsed() < self.confirm)
+        lock(&self.confirmed).is_fresh(repo.as_str(), d.as_str())
     }
 
     fn confirm(&self, repo: &RepoName, d: &str) {
-        let mut map = lock(&self.confirmed);
-        if map.len() > 100_000 {
-            let confirm = self.confirm;
-            map.retain(|_, at| at.elapsed() < confirm);
-        }
-        map.insert((repo.as_str().to_owned(), d.to_owned()), Instant::now());
+        lock(&self.confirmed).confirm(repo.as_str(), d);
     }
 
     fn unconfirm(&self, repo: &RepoName, d: &str) {
-        lock(&self.confirmed).remove(&(repo.as_str().to_owned(), d.to_owned()));
+        lock(&self.confirmed).forget(repo.as_str(), d);
     }
 
     fn memory_get(&self, d: &str) -> Option<(Bytes, String)> {
