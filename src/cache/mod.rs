@@ -474,10 +474,11 @@ impl CachingProxy {
                 return Some(resp);
             }
         };
-        let mut file = tokio::fs::File::from_std(found.file);
+        let mut file = found.file;
         if start > 0 {
-            use tokio::io::AsyncSeekExt as _;
-            file.seek(std::io::SeekFrom::Start(start)).await.ok()?;
+            use std::io::Seek as _;
+            // A seek is a change of the file offset: no disk access, no blocking.
+            file.seek(std::io::SeekFrom::Start(start)).ok()?;
         }
         self.hit(Kind::Blob, count);
         let body = body::boxed(crate::registry::storage::fs::FileBody::new(file, count));

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
-use bytes::{BufMut as _, Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
 use super::{Key, Layout, Listing, Meta, Object, PartSizes, Result, Storage, StorageError};
@@ -317,10 +317,7 @@ impl Storage for FsStorage {
                 file.seek(io::SeekFrom::Start(range.start))
                     .map_err(|e| StorageError::io(format!("seek in {key}"), e))?;
             }
-            let body = body::boxed(FileBody::new(
-                tokio::fs::File::from_std(file),
-                range.end.saturating_sub(range.start),
-            ));
+            let body = body::boxed(FileBody::new(file, range.end.saturating_sub(range.start)));
             Ok(Some(Object { meta, range, body }))
         })
         .await
@@ -536,21 +533,41 @@ fn write_all_vectored(file: &mut std::fs::File, chunks: &[Bytes]) -> io::Result<
     Ok(())
 }
 
+/// Up to `want` bytes from `file`'s position: fewer only at its end. One `read` per
+/// call in the usual case (`read_to_end` would start at 8 KiB and double).
+fn read_up_to(file: &mut std::fs::File, want: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; want];
+    let mut filled = 0;
+    while filled < want {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf)
+}
+
 /// A response body that reads a file from its current position, `remaining` bytes,
 /// in fixed-size reads with backpressure: memory does not grow with the file or with
-/// a slow reader.
+/// a slow reader. Each read runs on the blocking pool straight into the buffer that is
+/// sent (`tokio::fs::File` would read into a buffer of its own and copy: twice the
+/// memory per download and one more copy of every byte).
 pub struct FileBody {
-    file: tokio::fs::File,
+    /// `None` while a read has it.
+    file: Option<std::fs::File>,
     remaining: u64,
-    buf: BytesMut,
+    reading: Option<tokio::task::JoinHandle<(std::fs::File, io::Result<Vec<u8>>)>>,
 }
 
 impl FileBody {
-    pub fn new(file: tokio::fs::File, remaining: u64) -> Self {
+    pub fn new(file: std::fs::File, remaining: u64) -> Self {
         FileBody {
-            file,
+            file: Some(file),
             remaining,
-            buf: BytesMut::new(),
+            reading: None,
         }
     }
 }
@@ -567,18 +584,38 @@ impl http_body::Body for FileBody {
         if this.remaining == 0 {
             return Poll::Ready(None);
         }
-        let want = READ_SIZE.min(usize::try_from(this.remaining).unwrap_or(READ_SIZE));
-        if this.buf.capacity() < want {
-            this.buf.reserve(want);
+        if this.reading.is_none() {
+            let Some(file) = this.file.take() else {
+                return Poll::Ready(Some(Err("the file was lost by an earlier read".into())));
+            };
+            let want = READ_SIZE.min(usize::try_from(this.remaining).unwrap_or(READ_SIZE));
+            this.reading = Some(tokio::task::spawn_blocking(move || {
+                let mut file = file;
+                let read = read_up_to(&mut file, want);
+                (file, read)
+            }));
         }
-        let mut limited = (&mut this.buf).limit(want);
-        match tokio_util::io::poll_read_buf(Pin::new(&mut this.file), cx, &mut limited) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(Ok(0)) => Poll::Ready(Some(Err("file ended before its length".into()))),
-            Poll::Ready(Ok(n)) => {
-                this.remaining -= n as u64;
-                Poll::Ready(Some(Ok(Frame::data(this.buf.split().freeze()))))
+        let Some(reading) = this.reading.as_mut() else {
+            return Poll::Ready(Some(Err("no read in flight".into())));
+        };
+        let (file, read) = match Pin::new(reading).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(done)) => done,
+            Poll::Ready(Err(e)) => {
+                this.reading = None;
+                return Poll::Ready(Some(Err(format!("reading the file: {e}").into())));
+            }
+        };
+        this.reading = None;
+        this.file = Some(file);
+        match read {
+            Err(e) => Poll::Ready(Some(Err(e.into()))),
+            Ok(buf) if buf.is_empty() => {
+                Poll::Ready(Some(Err("file ended before its length".into())))
+            }
+            Ok(buf) => {
+                this.remaining -= buf.len() as u64;
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from(buf)))))
             }
         }
     }
