@@ -645,9 +645,8 @@ async fn follow(fill: &Fill, d: &str) -> Option<Response<Body>> {
 
 /// Batches of chunks on their way from a first client's response to the cache file:
 /// at most about 1 MiB in flight per fill (four batches and the one being made).
-/// Chunks are handed over a batch at a time,
-/// so the writer thread is woken once per 256 KiB, not once per read from the
-/// upstream (which may be a few KiB).
+/// Chunks are handed over a batch at a time, so the writer thread is woken once per
+/// 256 KiB, not once per read from the upstream (which may be a few KiB).
 const TEE_QUEUE: usize = 4;
 const TEE_BATCH: usize = 256 * 1024;
 
