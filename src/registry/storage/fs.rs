@@ -533,10 +533,11 @@ fn write_all_vectored(file: &mut std::fs::File, chunks: &[Bytes]) -> io::Result<
     Ok(())
 }
 
-/// Up to `want` bytes from `file`'s position: fewer only at its end. One `read` per
-/// call in the usual case (`read_to_end` would start at 8 KiB and double).
-fn read_up_to(file: &mut std::fs::File, want: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; want];
+/// Up to `want` bytes from `file`'s position into `buf`: fewer only at its end. One
+/// `read` per call in the usual case (`read_to_end` would start at 8 KiB and double).
+fn read_up_to(file: &mut std::fs::File, mut buf: Vec<u8>, want: usize) -> io::Result<Vec<u8>> {
+    // Within the capacity reserved by the caller: no allocation here.
+    buf.resize(want, 0);
     let mut filled = 0;
     while filled < want {
         match file.read(&mut buf[filled..]) {
@@ -589,9 +590,14 @@ impl http_body::Body for FileBody {
                 return Poll::Ready(Some(Err("the file was lost by an earlier read".into())));
             };
             let want = READ_SIZE.min(usize::try_from(this.remaining).unwrap_or(READ_SIZE));
+            // Allocated here, on a runtime thread, and filled on the blocking pool:
+            // glibc gives each thread that allocates an arena of its own, and one
+            // buffer per blocking thread kept in its arena after the free made the
+            // gate's RSS grow with the number of blocking threads that ever read.
+            let buf = Vec::with_capacity(want);
             this.reading = Some(tokio::task::spawn_blocking(move || {
                 let mut file = file;
-                let read = read_up_to(&mut file, want);
+                let read = read_up_to(&mut file, buf, want);
                 (file, read)
             }));
         }
