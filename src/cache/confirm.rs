@@ -27,8 +27,8 @@ impl Confirmations {
     }
 
     pub fn is_fresh(&self, repo: &str, digest: &str) -> bool {
-        // The key is a pair of owned strings: a lookup builds one (two small copies),
-        // which is cheaper than the upstream HEAD it saves.
+        // The key is a pair of owned strings, so a lookup copies both (two small
+        // allocations); a borrowed lookup would need a map per repository.
         self.map
             .get(&(repo.to_owned(), digest.to_owned()))
             .is_some_and(|at| at.elapsed() < self.window)

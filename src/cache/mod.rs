@@ -600,10 +600,15 @@ async fn follow(fill: &Fill, d: &str) -> Option<Response<Body>> {
         }
         rx.changed().await.ok()?;
     };
-    let file = tokio::fs::File::open(&fill.temp).await.ok()?;
-    let state = (file, rx, 0u64);
-    let stream = futures_util::stream::unfold(state, move |(mut file, mut rx, pos)| async move {
-        use tokio::io::AsyncReadExt as _;
+    let file = tokio::fs::File::open(&fill.temp)
+        .await
+        .ok()?
+        .into_std()
+        .await;
+    let state = (Some(file), rx, 0u64);
+    let stream = futures_util::stream::unfold(state, move |(file, mut rx, pos)| async move {
+        // No file: the stream ended with an error.
+        let file = file?;
         if pos >= size {
             return None;
         }
@@ -612,29 +617,28 @@ async fn follow(fill: &Fill, d: &str) -> Option<Response<Body>> {
             if p.written > pos {
                 let want = usize::try_from((p.written - pos).min(FOLLOW_READ as u64))
                     .unwrap_or(FOLLOW_READ);
-                let mut buf = vec![0u8; want];
-                return match file.read(&mut buf).await {
-                    Ok(0) | Err(_) => Some((
-                        Err::<Frame<Bytes>, BoxError>("cache file ended early".into()),
-                        (file, rx, size),
+                return match crate::registry::storage::fs::read_blocking(file, want).await {
+                    Err(e) => Some((
+                        Err::<Frame<Bytes>, BoxError>(
+                            format!("reading the cache file: {e}").into(),
+                        ),
+                        (None, rx, size),
                     )),
-                    Ok(n) => {
-                        buf.truncate(n);
-                        Some((
-                            Ok(Frame::data(Bytes::from(buf))),
-                            (file, rx, pos + n as u64),
-                        ))
+                    Ok((file, Ok(buf))) if !buf.is_empty() => {
+                        let n = buf.len() as u64;
+                        Some((Ok(Frame::data(Bytes::from(buf))), (Some(file), rx, pos + n)))
                     }
+                    Ok(_) => Some((Err("cache file ended early".into()), (None, rx, size))),
                 };
             }
             if p.done == Some(false) {
-                return Some((Err("the upstream transfer failed".into()), (file, rx, size)));
+                return Some((Err("the upstream transfer failed".into()), (None, rx, size)));
             }
             if rx.changed().await.is_err() {
                 // The writer is gone: whatever it wrote is all there will be.
                 let p = *rx.borrow();
                 if p.written <= pos {
-                    return Some((Err("the upstream transfer ended".into()), (file, rx, size)));
+                    return Some((Err("the upstream transfer ended".into()), (None, rx, size)));
                 }
             }
         }

@@ -533,42 +533,57 @@ fn write_all_vectored(file: &mut std::fs::File, chunks: &[Bytes]) -> io::Result<
     Ok(())
 }
 
-/// Up to `want` bytes from `file`'s position into `buf`: fewer only at its end. One
-/// `read` per call in the usual case (`read_to_end` would start at 8 KiB and double).
-fn read_up_to(file: &mut std::fs::File, mut buf: Vec<u8>, want: usize) -> io::Result<Vec<u8>> {
-    // Within the capacity reserved by the caller: no allocation here.
-    buf.resize(want, 0);
-    let mut filled = 0;
-    while filled < want {
-        match file.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+/// A read of a file on the blocking pool, which gives the file back with what it read.
+pub type BlockingRead = tokio::task::JoinHandle<(std::fs::File, io::Result<Vec<u8>>)>;
+
+/// Read up to `want` bytes from `file`'s position on the blocking pool: fewer only at
+/// its end (or at what has been written so far of a file that grows). One `read` in
+/// the usual case, straight into the buffer that is then sent: `tokio::fs::File`
+/// would read into a buffer of its own and copy, twice the memory per download and
+/// one more copy of every byte. The buffer is allocated here, on the caller's
+/// (runtime) thread: glibc gives each thread that allocates an arena of its own, and
+/// a buffer allocated by each blocking thread stayed in that thread's arena after the
+/// free, so the gate's RSS grew with the number of blocking threads that ever read.
+pub fn read_blocking(file: std::fs::File, want: usize) -> BlockingRead {
+    let mut buf = Vec::with_capacity(want);
+    tokio::task::spawn_blocking(move || {
+        let mut file = file;
+        // Within the capacity reserved above: no allocation on this thread.
+        buf.resize(want, 0);
+        let mut filled = 0;
+        while filled < want {
+            match file.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return (file, Err(e)),
+            }
         }
-    }
-    buf.truncate(filled);
-    Ok(buf)
+        buf.truncate(filled);
+        (file, Ok(buf))
+    })
 }
 
 /// A response body that reads a file from its current position, `remaining` bytes,
-/// in fixed-size reads with backpressure: memory does not grow with the file or with
-/// a slow reader. Each read runs on the blocking pool straight into the buffer that is
-/// sent (`tokio::fs::File` would read into a buffer of its own and copy: twice the
-/// memory per download and one more copy of every byte).
+/// in fixed-size reads ([`read_blocking`]) with backpressure: memory does not grow
+/// with the file or with a slow reader.
 pub struct FileBody {
-    /// `None` while a read has it.
-    file: Option<std::fs::File>,
+    state: ReadState,
     remaining: u64,
-    reading: Option<tokio::task::JoinHandle<(std::fs::File, io::Result<Vec<u8>>)>>,
+}
+
+enum ReadState {
+    Idle(std::fs::File),
+    Reading(BlockingRead),
+    /// The blocking task failed and took the file with it.
+    Lost,
 }
 
 impl FileBody {
     pub fn new(file: std::fs::File, remaining: u64) -> Self {
         FileBody {
-            file: Some(file),
+            state: ReadState::Idle(file),
             remaining,
-            reading: None,
         }
     }
 }
@@ -585,43 +600,36 @@ impl http_body::Body for FileBody {
         if this.remaining == 0 {
             return Poll::Ready(None);
         }
-        if this.reading.is_none() {
-            let Some(file) = this.file.take() else {
-                return Poll::Ready(Some(Err("the file was lost by an earlier read".into())));
-            };
-            let want = READ_SIZE.min(usize::try_from(this.remaining).unwrap_or(READ_SIZE));
-            // Allocated here, on a runtime thread, and filled on the blocking pool:
-            // glibc gives each thread that allocates an arena of its own, and one
-            // buffer per blocking thread kept in its arena after the free made the
-            // gate's RSS grow with the number of blocking threads that ever read.
-            let buf = Vec::with_capacity(want);
-            this.reading = Some(tokio::task::spawn_blocking(move || {
-                let mut file = file;
-                let read = read_up_to(&mut file, buf, want);
-                (file, read)
-            }));
-        }
-        let Some(reading) = this.reading.as_mut() else {
-            return Poll::Ready(Some(Err("no read in flight".into())));
-        };
-        let (file, read) = match Pin::new(reading).poll(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Ok(done)) => done,
-            Poll::Ready(Err(e)) => {
-                this.reading = None;
-                return Poll::Ready(Some(Err(format!("reading the file: {e}").into())));
-            }
-        };
-        this.reading = None;
-        this.file = Some(file);
-        match read {
-            Err(e) => Poll::Ready(Some(Err(e.into()))),
-            Ok(buf) if buf.is_empty() => {
-                Poll::Ready(Some(Err("file ended before its length".into())))
-            }
-            Ok(buf) => {
-                this.remaining -= buf.len() as u64;
-                Poll::Ready(Some(Ok(Frame::data(Bytes::from(buf)))))
+        loop {
+            match std::mem::replace(&mut this.state, ReadState::Lost) {
+                ReadState::Lost => {
+                    return Poll::Ready(Some(Err("the file was lost by a failed read".into())));
+                }
+                ReadState::Idle(file) => {
+                    let want = READ_SIZE.min(usize::try_from(this.remaining).unwrap_or(READ_SIZE));
+                    this.state = ReadState::Reading(read_blocking(file, want));
+                }
+                ReadState::Reading(mut reading) => {
+                    let (file, read) = match Pin::new(&mut reading).poll(cx) {
+                        Poll::Pending => {
+                            this.state = ReadState::Reading(reading);
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Ok(done)) => done,
+                        Poll::Ready(Err(e)) => {
+                            return Poll::Ready(Some(Err(format!("reading the file: {e}").into())));
+                        }
+                    };
+                    this.state = ReadState::Idle(file);
+                    return Poll::Ready(Some(match read {
+                        Err(e) => Err(e.into()),
+                        Ok(buf) if buf.is_empty() => Err("file ended before its length".into()),
+                        Ok(buf) => {
+                            this.remaining -= buf.len() as u64;
+                            Ok(Frame::data(Bytes::from(buf)))
+                        }
+                    }));
+                }
             }
         }
     }
