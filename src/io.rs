@@ -9,6 +9,11 @@
 //! cannot parse (a bare 400, 414 or 431 with no body, before any service sees the
 //! request) into OCI error JSON with the API-version header, like every other error
 //! the gate sends.
+//!
+//! [`Lingering`] hands a connection the gate has closed, while the client may still
+//! be sending, to [`linger`]: the rest of what the client sends is read and thrown
+//! away for a while before the socket is closed, so the client reads the answer
+//! instead of being reset (a refusal answered before the body was read).
 
 use std::io;
 use std::pin::Pin;
@@ -271,6 +276,129 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for OciParseErrors<T> {
     }
 }
 
+/// How long [`linger`] waits for more from the client before it closes.
+const LINGER_QUIET: Duration = Duration::from_secs(2);
+/// How long [`linger`] reads at most.
+const LINGER_MAX: Duration = Duration::from_secs(30);
+
+/// A connection that, dropped after the gate shut down its writing side and before
+/// the client ended its own, goes to `handoff` instead of being closed: closing a
+/// socket with unread data sends a reset, and a client still writing its request
+/// (a 5 MiB manifest refused with 413 after 4 MiB, a push refused with 401 before
+/// its body is read) then loses the answer it has not read yet ("broken pipe").
+/// HTTP/1 has no other way to refuse a body but to answer and close.
+pub struct Lingering<T> {
+    inner: Option<T>,
+    /// The gate's side is shut (`poll_shutdown` completed).
+    shut: bool,
+    /// The client's side ended (a read returned nothing).
+    ended: bool,
+    handoff: Option<tokio::sync::oneshot::Sender<T>>,
+}
+
+impl<T> Lingering<T> {
+    pub fn new(inner: T) -> (Self, tokio::sync::oneshot::Receiver<T>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let this = Lingering {
+            inner: Some(inner),
+            shut: false,
+            ended: false,
+            handoff: Some(tx),
+        };
+        (this, rx)
+    }
+
+    fn inner(&mut self) -> io::Result<Pin<&mut T>>
+    where
+        T: Unpin,
+    {
+        match self.inner.as_mut() {
+            Some(inner) => Ok(Pin::new(inner)),
+            None => Err(io::Error::other("connection already handed off")),
+        }
+    }
+}
+
+impl<T> Drop for Lingering<T> {
+    fn drop(&mut self) {
+        if self.shut
+            && !self.ended
+            && let (Some(inner), Some(tx)) = (self.inner.take(), self.handoff.take())
+        {
+            let _ = tx.send(inner);
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Lingering<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::task::ready!(self.inner()?.poll_read(cx, buf));
+        if r.is_err() || buf.filled().len() == before {
+            self.ended = true;
+        }
+        Poll::Ready(r)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Lingering<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.inner()?.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.inner()?.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.as_ref().is_some_and(|i| i.is_write_vectored())
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner()?.poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = std::task::ready!(self.inner()?.poll_shutdown(cx));
+        if r.is_ok() {
+            self.shut = true;
+        }
+        Poll::Ready(r)
+    }
+}
+
+/// Read and drop what the client still sends on a connection whose writing side the
+/// gate has shut, until the client closes its side, is quiet for [`LINGER_QUIET`],
+/// or [`LINGER_MAX`] has passed (what nginx calls a lingering close). Then the
+/// socket is closed.
+pub async fn linger<T: AsyncRead + Unpin>(mut stream: T) {
+    use tokio::io::AsyncReadExt as _;
+    let started = Instant::now();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let left = LINGER_MAX.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        match tokio::time::timeout(LINGER_QUIET.min(left), stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => break,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,6 +456,51 @@ mod tests {
         );
         let json: serde_json::Value = serde_json::from_str(body).expect("json");
         assert_eq!(json["errors"][0]["code"], "UNKNOWN");
+    }
+
+    #[tokio::test]
+    async fn only_a_connection_shut_by_us_and_not_by_the_peer_is_handed_off() {
+        // Shut by us, the peer still sending: handed off.
+        let (a, _b) = tokio::io::duplex(64);
+        let (mut a, rx) = Lingering::new(a);
+        a.shutdown().await.expect("shutdown");
+        drop(a);
+        assert!(rx.await.is_ok());
+        // The peer ended first: closed at once.
+        let (a, b) = tokio::io::duplex(64);
+        let (mut a, rx) = Lingering::new(a);
+        drop(b);
+        let mut buf = [0u8; 4];
+        assert_eq!(a.read(&mut buf).await.expect("eof"), 0);
+        a.shutdown().await.expect("shutdown");
+        drop(a);
+        assert!(rx.await.is_err());
+        // Never shut by us (an error, a timeout): closed at once.
+        let (a, _b) = tokio::io::duplex(64);
+        let (a, rx) = Lingering::new(a);
+        drop(a);
+        assert!(rx.await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn linger_reads_until_the_peer_is_quiet() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            for _ in 0..10 {
+                b.write_all(&[0u8; 1000]).await.expect("write");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            // Then quiet, the connection still open.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        });
+        let started = Instant::now();
+        linger(a).await;
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(4500) && took < Duration::from_secs(8),
+            "{took:?}"
+        );
+        writer.abort();
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,8 +5,8 @@
 //! main.rs (CLI only) ─ config ─ server::serve(config, listener, shutdown)
 //!
 //! server   accept loop, connection cap, TLS handshake (tls), HTTP/1.1 + HTTP/2,
-//!          idle timeouts and OCI answers to unparsable requests (io), graceful
-//!          shutdown, SIGHUP → reload (watch)
+//!          idle timeouts, lingering close and OCI answers to unparsable requests
+//!          (io), graceful shutdown, SIGHUP → reload (watch)
 //!   └ gate     one request, top to bottom: method → route → identity → policy
 //!              → Backend → API-version header → access log
 //!       ├ gate::token_endpoint  GET/POST /token: registry tokens for clients

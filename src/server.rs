@@ -27,7 +27,7 @@ use crate::auth::token::{TokenKey, TokenKeys};
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::gate::{Gate, TokenSettings};
-use crate::io::{IdleTimeout, OciParseErrors};
+use crate::io::{IdleTimeout, Lingering, OciParseErrors, linger};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::registry::Registry;
@@ -399,6 +399,7 @@ async fn serve_connection(
                 return;
             }
         };
+    let (tls, closed) = Lingering::new(tls);
     let io = TokioIo::new(OciParseErrors::new(IdleTimeout::new(
         tls,
         shared.idle_timeout,
@@ -411,5 +412,11 @@ async fn serve_connection(
     let conn = shared.http.serve_connection(io, service).into_owned();
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!("{peer}: connection ended: {e}");
+    }
+    // Closed by the gate while the client may still be sending: read what comes
+    // (below TLS: the gate's close_notify is sent) so the client is not reset
+    // before it reads the answer. The connection still counts against the cap.
+    if let Ok(tls) = closed.await {
+        linger(tls.into_inner().0).await;
     }
 }

@@ -466,3 +466,63 @@ async fn an_upload_cut_off_by_the_client_can_be_resumed() {
     );
     aio.gate.stop().await;
 }
+
+/// A client that writes its whole request before it reads an answer (as urllib3 and
+/// many scripts do) gets the refusal the gate sent before reading the body — a
+/// manifest over the 4 MiB limit (413), an anonymous push (401) — and not a reset:
+/// after answering, the gate reads and drops the rest before it closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_its_whole_body_before_reading_gets_the_refusal() {
+    use base64::Engine as _;
+    let aio = AllInOne::start().await;
+    let client = aio.client();
+    let body = vec![b' '; 16 * 1024 * 1024];
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", PUSHER.0, PUSHER.1));
+    let host = host_header(&client);
+    let len = body.len();
+    let cases = [
+        (
+            "a 16 MiB manifest from a pusher",
+            format!(
+                "PUT /v2/linger/app/manifests/big HTTP/1.1\r\n{host}Authorization: Basic {basic}\r\n\
+                 Content-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: {len}\r\n\r\n"
+            ),
+            413,
+        ),
+        (
+            "an anonymous 16 MiB monolithic blob upload",
+            format!(
+                "POST /v2/linger/app/blobs/uploads/?digest={} HTTP/1.1\r\n{host}\
+                 Content-Type: application/octet-stream\r\nContent-Length: {len}\r\n\r\n",
+                sha256_digest(&body)
+            ),
+            401,
+        ),
+    ];
+    for (what, head, want) in cases {
+        let mut stream = client
+            .try_connect(&[b"http/1.1"])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let sent = tokio::time::timeout(DEADLINE, async {
+            stream.write_all(head.as_bytes()).await?;
+            stream.write_all(&body).await?;
+            stream.flush().await
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the gate stopped reading the body"));
+        if let Err(e) = sent {
+            panic!(
+                "{what}: the connection was reset while the client still sent ({e}): it cannot read the answer"
+            );
+        }
+        let answer = read_until_closed_or_quiet(&mut stream, Duration::from_secs(10)).await;
+        assert!(answer.closed, "{what}: the gate closes after a refusal");
+        let resp = common::client::RawResponse::parse(&answer.bytes);
+        assert_eq!(resp.status, want, "{what}");
+        let json: serde_json::Value = serde_json::from_slice(&resp.body).expect("OCI error JSON");
+        assert!(json["errors"][0]["code"].is_string(), "{what}: {json}");
+    }
+    aio.gate.stop().await;
+}
