@@ -60,6 +60,20 @@ impl Write for Tee {
     }
 }
 
+/// Every gate of this binary is started through these two, so the capturing
+/// subscriber is installed before the first gate installs its own (the process has
+/// one; whichever comes first wins, and a test that started a gate directly once left
+/// the log-reading test blind in CI).
+async fn start_stack(options: StackOptions) -> Stack {
+    captured_logs();
+    Stack::start_with(options).await
+}
+
+async fn start_all_in_one() -> AllInOne {
+    captured_logs();
+    AllInOne::start().await
+}
+
 fn log_lines_with(all: &[&str]) -> Vec<String> {
     let logs = captured_logs();
     let text = String::from_utf8_lossy(&logs.lock().expect("log lock")).into_owned();
@@ -119,8 +133,7 @@ async fn slowloris(
 async fn slowloris_connections_are_cut_and_pulls_go_on_meanwhile() {
     const SLOW: usize = 200;
     const HEADER_TIMEOUT: u64 = 5;
-    captured_logs();
-    let stack = Stack::start_with(StackOptions {
+    let stack = start_stack(StackOptions {
         extra_server: format!("header_read_timeout_secs = {HEADER_TIMEOUT}\n"),
         ..StackOptions::default()
     })
@@ -189,8 +202,7 @@ async fn slowloris_connections_are_cut_and_pulls_go_on_meanwhile() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connections_are_closed_and_busy_ones_are_not() {
-    captured_logs();
-    let stack = Stack::start_with(StackOptions {
+    let stack = start_stack(StackOptions {
         extra_server: "idle_timeout_secs = 2\n".into(),
         ..StackOptions::default()
     })
@@ -257,8 +269,7 @@ async fn idle_keep_alive_connections_are_closed_and_busy_ones_are_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_connection_cap_the_next_connection_waits_and_the_log_says_so() {
     const CAP: usize = 4;
-    captured_logs();
-    let stack = Stack::start_with(StackOptions {
+    let stack = start_stack(StackOptions {
         extra_server: format!("max_connections = {CAP}\n"),
         ..StackOptions::default()
     })
@@ -391,8 +402,7 @@ async fn resume_and_finish(client: &Client, repo: &str, location: &str, data: &[
 async fn an_upload_cut_off_by_the_client_can_be_resumed() {
     const TOTAL: usize = 6 * 1024 * 1024;
     const SENT: usize = 2 * 1024 * 1024;
-    captured_logs();
-    let aio = AllInOne::start().await;
+    let aio = start_all_in_one().await;
     let pusher = aio.pusher();
 
     // HTTP/1.1: a PATCH announcing 6 MiB, 2 MiB sent, then the connection dropped.
@@ -474,7 +484,7 @@ async fn an_upload_cut_off_by_the_client_can_be_resumed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_sends_its_whole_body_before_reading_gets_the_refusal() {
     use base64::Engine as _;
-    let aio = AllInOne::start().await;
+    let aio = start_all_in_one().await;
     let client = aio.client();
     let body = vec![b' '; 16 * 1024 * 1024];
     let basic =
