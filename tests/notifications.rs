@@ -37,6 +37,26 @@ struct Received {
     body: Value,
 }
 
+/// A loopback port for a webhook listener, held from the start: bound but not
+/// listening, so the gate's attempts are refused as by a listener that is down, and
+/// no other socket of the busy test run can take the port before the listener
+/// starts (a port found free and bound again later once was, failing the bind).
+struct HookPort {
+    socket: tokio::net::TcpSocket,
+    addr: SocketAddr,
+}
+
+impl HookPort {
+    fn new() -> HookPort {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket for the webhook");
+        socket
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind a loopback port for the webhook");
+        let addr = socket.local_addr().expect("local address");
+        HookPort { socket, addr }
+    }
+}
+
 /// A webhook listener: plain HTTP/1.1 on loopback, answering 200 and keeping what it
 /// was sent; the first `hang` requests get no answer at all.
 struct Listener {
@@ -48,10 +68,11 @@ struct Listener {
 }
 
 impl Listener {
-    async fn start(addr: SocketAddr, hang: usize) -> Listener {
-        let tcp = tokio::net::TcpListener::bind(addr)
-            .await
-            .expect("bind the webhook listener");
+    async fn start(port: HookPort, hang: usize) -> Listener {
+        let tcp = port
+            .socket
+            .listen(1024)
+            .expect("listen on the webhook port");
         let addr = tcp.local_addr().expect("local address");
         let received = Arc::new(Mutex::new(Vec::new()));
         let arrivals = Arc::new(AtomicUsize::new(0));
@@ -182,7 +203,7 @@ fn of<'a>(events: &'a [Value], action: &str, repo: &str) -> Vec<&'a Value> {
 on_both_backends!(events_of_pushes_pulls_and_deletes);
 
 async fn events_of_pushes_pulls_and_deletes(backend: Backend) {
-    let listener = Listener::start("127.0.0.1:0".parse().expect("addr"), 0).await;
+    let listener = Listener::start(HookPort::new(), 0).await;
     let aio = AllInOne::start_with(AllInOneOptions {
         delete: true,
         extra_tables: hook_table(&listener.url(), ""),
@@ -307,7 +328,7 @@ async fn events_of_pushes_pulls_and_deletes(backend: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn in_front_of_docker_registry_the_upstreams_answers_are_told() {
-    let listener = Listener::start("127.0.0.1:0".parse().expect("addr"), 0).await;
+    let listener = Listener::start(HookPort::new(), 0).await;
     let stack = Stack::start_with(StackOptions {
         extra_tables: hook_table(&listener.url(), "events = [\"push\", \"delete\"]"),
         ..StackOptions::default()
@@ -366,7 +387,8 @@ async fn in_front_of_docker_registry_the_upstreams_answers_are_told() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_listener_that_is_down_gets_every_event_when_it_comes_back() {
-    let hook = free_loopback_port();
+    let hook_port = HookPort::new();
+    let hook = hook_port.addr;
     let admin = free_loopback_port();
     let aio = AllInOne::start_with(AllInOneOptions {
         extra_tables: hook_table(&format!("http://{hook}/h"), "backoff_max_secs = 1")
@@ -388,7 +410,7 @@ async fn a_listener_that_is_down_gets_every_event_when_it_comes_back() {
             .then_some(())
     })
     .await;
-    let listener = Listener::start(hook, 0).await;
+    let listener = Listener::start(hook_port, 0).await;
     let events = listener.wait_events(3).await;
     let tags: Vec<&str> = events
         .iter()
@@ -405,7 +427,7 @@ async fn a_listener_that_is_down_gets_every_event_when_it_comes_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hanging_listener_is_retried_and_never_holds_a_client() {
     // The first two POSTs get no answer: each attempt ends after timeout_secs.
-    let listener = Listener::start("127.0.0.1:0".parse().expect("addr"), 2).await;
+    let listener = Listener::start(HookPort::new(), 2).await;
     let admin = free_loopback_port();
     let aio = AllInOne::start_with(AllInOneOptions {
         extra_tables: hook_table(&listener.url(), "timeout_secs = 1\nbackoff_max_secs = 1")
@@ -447,7 +469,8 @@ async fn a_hanging_listener_is_retried_and_never_holds_a_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_queue_drops_and_counts_and_the_client_never_notices() {
-    let hook = free_loopback_port();
+    let hook_port = HookPort::new();
+    let hook = hook_port.addr;
     let admin = free_loopback_port();
     let aio = AllInOne::start_with(AllInOneOptions {
         extra_tables: hook_table(
@@ -469,7 +492,7 @@ async fn a_full_queue_drops_and_counts_and_the_client_never_notices() {
     );
     // At most one in the worker's hands and two queued.
     assert!(dropped >= PUSHES - 3, "dropped {dropped}:\n{m}");
-    let listener = Listener::start(hook, 0).await;
+    let listener = Listener::start(hook_port, 0).await;
     let delivered = PUSHES - dropped;
     let events = listener.wait_events(delivered as usize).await;
     let m = metrics(admin).await;
@@ -488,7 +511,8 @@ async fn a_full_queue_drops_and_counts_and_the_client_never_notices() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_graceful_shutdown_delivers_what_was_queued() {
-    let hook = free_loopback_port();
+    let hook_port = HookPort::new();
+    let hook = hook_port.addr;
     let mut aio = AllInOne::start_with(AllInOneOptions {
         extra_tables: hook_table(&format!("http://{hook}/h"), "backoff_max_secs = 1"),
         ..AllInOneOptions::default()
@@ -500,7 +524,7 @@ async fn a_graceful_shutdown_delivers_what_was_queued() {
     aio.gate.begin_shutdown();
     // The listener comes up only after the shutdown began.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let listener = Listener::start(hook, 0).await;
+    let listener = Listener::start(hook_port, 0).await;
     aio.gate.stop().await;
     let tags: Vec<String> = listener
         .events()
