@@ -12,11 +12,52 @@ use crate::auth::Identity;
 use crate::body::Body;
 use crate::route::Route;
 
+/// A request's id: 16 random hex digits, kept inline (copied, never allocated).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RequestId([u8; 16]);
+
+impl RequestId {
+    pub fn random() -> RequestId {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let bytes: [u8; 8] = rand::random();
+        let mut id = [0u8; 16];
+        for (i, b) in bytes.into_iter().enumerate() {
+            id[2 * i] = HEX[usize::from(b >> 4)];
+            id[2 * i + 1] = HEX[usize::from(b & 0xf)];
+        }
+        RequestId(id)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Always hex digits: the fallback is never taken.
+        std::str::from_utf8(&self.0).unwrap_or("0000000000000000")
+    }
+}
+
+impl std::ops::Deref for RequestId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
 /// What the gate learned about a request that a backend may need.
 #[derive(Debug, Clone)]
 pub struct RequestContext {
     /// The request id (also in the access log and the `X-Request-Id` header).
-    pub id: String,
+    pub id: RequestId,
     pub peer: SocketAddr,
     pub identity: Identity,
     pub route: Route,

@@ -2,6 +2,7 @@
 //! line (plus metrics), written when the response body has been sent — so it reports
 //! what really went over the wire.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +11,7 @@ use std::time::Instant;
 use http::header::{HeaderName, HeaderValue};
 use http::{Method, Response, Version};
 
+use crate::backend::RequestId;
 use crate::body::{self, Body, Counted, OnEnd};
 use crate::metrics::Metrics;
 
@@ -22,27 +24,17 @@ pub(super) fn printable(s: &str) -> String {
     out
 }
 
-pub(super) fn request_id() -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bytes: [u8; 8] = rand::random();
-    let mut id = String::with_capacity(16);
-    for b in bytes {
-        id.push(char::from(HEX[usize::from(b >> 4)]));
-        id.push(char::from(HEX[usize::from(b & 0xf)]));
-    }
-    id
-}
-
 /// Everything the access line reports; written when the response body ends.
 pub(super) struct AccessLog {
-    pub(super) id: String,
+    pub(super) id: RequestId,
     pub(super) peer: SocketAddr,
     pub(super) method: Method,
     pub(super) family: &'static str,
     pub(super) metrics: Arc<Metrics>,
     pub(super) path: String,
     pub(super) version: Version,
-    pub(super) user: String,
+    /// `-` for anonymous requests (borrowed: nothing allocated for them).
+    pub(super) user: Cow<'static, str>,
     pub(super) status: u16,
     pub(super) bytes_in: Arc<AtomicU64>,
     pub(super) bytes_out: Arc<AtomicU64>,
@@ -89,7 +81,7 @@ pub(super) fn finish(resp: Response<Body>, mut log: AccessLog) -> Response<Body>
     parts
         .headers
         .insert(API_VERSION, HeaderValue::from_static(crate::API_VERSION));
-    if let Ok(v) = HeaderValue::from_str(&log.id) {
+    if let Ok(v) = HeaderValue::from_str(log.id.as_str()) {
         parts.headers.insert(REQUEST_ID, v);
     }
     log.status = parts.status.as_u16();

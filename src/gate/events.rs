@@ -17,7 +17,7 @@ use crate::route::{Reference, Route};
 pub(super) struct Pending {
     method: Method,
     route: Route,
-    id: String,
+    id: crate::backend::RequestId,
     peer: SocketAddr,
     user: String,
     host: String,
@@ -52,7 +52,7 @@ impl Pending {
         Some(Pending {
             method: req.method().clone(),
             route: ctx.route.clone(),
-            id: ctx.id.clone(),
+            id: ctx.id,
             peer: ctx.peer,
             user: ctx.identity.log_name().to_owned(),
             host: ctx.host.clone(),

@@ -45,7 +45,8 @@ use crate::lifecycle::immutable;
 use crate::lifecycle::rules::Lifecycle;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::route::{self, RepoName, Route, RouteError};
-use access::{AccessLog, finish, printable, request_id};
+use access::{AccessLog, finish, printable};
+use std::borrow::Cow;
 
 /// Methods the registry API uses; everything else is refused before routing.
 const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE";
@@ -82,8 +83,22 @@ struct Origin {
     host: String,
     /// `https://host[:port]` (from `public_url`, else `host`).
     public_base: String,
-    /// The token `service`.
-    service: String,
+    /// The configured token `service`; `None`: the public host (see `service()`).
+    service: Option<String>,
+}
+
+impl Origin {
+    /// The token `service`: configured, or the host of the public base (borrowed:
+    /// nothing is allocated for a request that never needs it).
+    fn service(&self) -> &str {
+        match &self.service {
+            Some(s) => s,
+            None => self
+                .public_base
+                .strip_prefix("https://")
+                .unwrap_or(&self.public_base),
+        }
+    }
 }
 
 impl Gate {
@@ -122,17 +137,17 @@ impl Gate {
     /// Serve one request. Never fails: every outcome is a response.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let started = Instant::now();
-        let id = request_id();
+        let id = crate::backend::RequestId::random();
         let bytes_in = Arc::new(AtomicU64::new(0));
         let log = AccessLog {
-            id: id.clone(),
+            id,
             peer,
             method: req.method().clone(),
             family: "other",
             metrics: self.metrics.clone(),
             path: req.uri().path().to_owned(),
             version: req.version(),
-            user: "-".into(),
+            user: Cow::Borrowed("-"),
             status: 0,
             bytes_in: bytes_in.clone(),
             bytes_out: Arc::new(AtomicU64::new(0)),
@@ -143,10 +158,13 @@ impl Gate {
         let (parts, req_body) = req.into_parts();
         let head = Request::from_parts(parts, ());
         let small_h2_body = drainable(&head);
-        let (resp, user, family) = match self.admit(head, peer, &id).await {
+        let (resp, user, family) = match self.admit(head, peer, id).await {
             Ok(Admitted::Backend(req, ctx)) => {
                 let req = req.map(|()| req_body);
-                let user = ctx.identity.log_name().to_owned();
+                let user = match &ctx.identity {
+                    crate::auth::Identity::Anonymous => Cow::Borrowed("-"),
+                    identity => Cow::Owned(identity.log_name().to_owned()),
+                };
                 let family = ctx.route.family();
                 let filter = matches!(ctx.route, Route::Catalog) && self.policy.restricts_pull();
                 let caller_identity = filter.then(|| ctx.identity.clone());
@@ -179,11 +197,11 @@ impl Gate {
             Ok(Admitted::Token(req, origin)) => {
                 let req = req.map(|()| req_body);
                 let (resp, user) = token_endpoint::serve(self, req, peer, &origin).await;
-                (resp, user, "token")
+                (resp, Cow::Owned(user), "token")
             }
             Ok(Admitted::Page(req, origin)) => (
                 page::serve(self, &req, peer, &origin).await,
-                "-".into(),
+                Cow::Borrowed("-"),
                 "page",
             ),
             // Refusals are the rare path: route the path again for the metric.
@@ -191,7 +209,11 @@ impl Gate {
                 if small_h2_body {
                     drain_refused(req_body).await;
                 }
-                (rejection.response, rejection.user, self.family(&log.path))
+                (
+                    rejection.response,
+                    Cow::Owned(rejection.user),
+                    self.family(&log.path),
+                )
             }
         };
         // A HEAD answer never has a body (an HTTP/2 client resets a stream that
@@ -237,7 +259,7 @@ impl Gate {
         &self,
         req: Request<()>,
         peer: SocketAddr,
-        id: &str,
+        id: crate::backend::RequestId,
     ) -> Result<Admitted, Rejection> {
         // A refusal leaves the body unread: HTTP/1 closes, so it is not read as a request.
         let unread_body = has_body(&req) && req.version() < Version::HTTP_2;
@@ -317,7 +339,7 @@ impl Gate {
         }
         let req = self.check_mount(req, &identity, &route);
         let ctx = RequestContext {
-            id: id.to_owned(),
+            id,
             peer,
             identity,
             route,
@@ -364,7 +386,7 @@ impl Gate {
                 match self
                     .tokens
                     .key
-                    .verify(&t, &origin.service, token::now_secs())
+                    .verify(&t, origin.service(), token::now_secs())
                 {
                     Ok(claims) => Ok(Identity::Token(claims)),
                     Err(e) => {
@@ -524,17 +546,10 @@ impl Gate {
                 base
             }
         };
-        let service = match &self.tokens.service {
-            Some(s) => s.clone(),
-            None => public_base
-                .strip_prefix("https://")
-                .unwrap_or(&public_base)
-                .to_owned(),
-        };
         Ok(Origin {
             host,
             public_base,
-            service,
+            service: self.tokens.service.clone(),
         })
     }
 
@@ -559,7 +574,9 @@ impl Gate {
             .into_response();
         let mut value = format!(
             "Bearer realm=\"{}{}\",service=\"{}\"",
-            origin.public_base, self.tokens.path, origin.service
+            origin.public_base,
+            self.tokens.path,
+            origin.service()
         );
         if let Some(repo) = repo {
             let actions = match action {

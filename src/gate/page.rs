@@ -76,7 +76,7 @@ async fn fetch(
         req.headers_mut().insert(header::HOST, host);
     }
     let ctx = RequestContext {
-        id: super::request_id(),
+        id: crate::backend::RequestId::random(),
         peer,
         identity: Identity::Anonymous,
         route,

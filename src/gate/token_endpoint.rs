@@ -130,12 +130,12 @@ type Outcome = Result<(Response<Body>, String), (Response<Body>, String)>;
 async fn issue(gate: &Gate, mut params: Params, peer: SocketAddr, origin: &Origin) -> Outcome {
     let fail = |e: OciError| (e.into_response(), "-".to_owned());
     if let Some(service) = &params.service
-        && *service != origin.service
+        && service != origin.service()
     {
         return Err(fail(bad(&format!(
             "unknown service {:?}; this gate is {:?}",
             service.chars().take(100).collect::<String>(),
-            origin.service
+            origin.service()
         ))));
     }
     // Who asks: a password grant, Basic credentials, or nobody.
@@ -194,7 +194,7 @@ async fn issue(gate: &Gate, mut params: Params, peer: SocketAddr, origin: &Origi
     let now = token::now_secs();
     let lifetime = gate.tokens.lifetime.as_secs();
     let subject = user.clone().unwrap_or_default();
-    let claims = token::new_claims(&subject, &origin.service, access, now, lifetime);
+    let claims = token::new_claims(&subject, origin.service(), access, now, lifetime);
     tracing::debug!(
         subject = %claims.subject(),
         access = ?claims.access,

@@ -573,7 +573,7 @@ async fn run_request(
         store: reg.store.clone(),
         repo: repo.clone(),
         id: id.clone(),
-        request_id: ctx.id.clone(),
+        request_id: ctx.id,
     };
     let outcome = tokio::spawn(async move {
         let _guard = guard;
@@ -597,7 +597,7 @@ struct Job {
     store: Store,
     repo: RepoName,
     id: UploadId,
-    request_id: String,
+    request_id: crate::backend::RequestId,
 }
 
 /// What the body of a request added.
