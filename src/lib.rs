@@ -18,7 +18,8 @@
 //!       │          policy (per-repository rules: who may pull, push, delete)
 //!       ├ error    every error a client sees: OCI error JSON + status
 //!       └ backend  the trait the gate calls without knowing what is behind it
-//!            └ proxy    Backend for an external upstream registry (pooled, streaming)
+//!            └ proxy    Backend for an external upstream registry (streaming)
+//!              ├ pool   keep-alive HTTP/1.1 connections to the one upstream
 //!              └ cache  [cache]: content by digest kept on disk (blobs as files,
 //!                       manifests in one append-only pack; manifests also in memory),
 //!                       served only for repositories the upstream confirmed
@@ -55,6 +56,7 @@ pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod pool;
 pub mod proxy;
 pub mod registry;
 pub mod route;

@@ -10,15 +10,13 @@ use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::backend::{Backend, BoxFuture, RequestContext};
 use crate::body::{self, Body};
 use crate::config::{UpstreamConfig, UpstreamUrl, parse_upstream_url};
 use crate::error::{ErrorCode, OciError};
 use crate::metrics::{Metrics, ReasonLabels};
+use crate::pool::{Pool, PoolConfig};
 use std::sync::Arc;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
@@ -54,28 +52,42 @@ static CLIENT_SET_FORBIDDEN: [HeaderName; 8] = [
 
 /// Remove hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    remove_listed(headers, &HOP_BY_HOP);
+    strip(headers, &[]);
 }
 
-/// Remove the headers named in `list`. A message carries a handful of headers, so
-/// one pass over its names beats a hashed `remove` for each entry of the list; most
-/// messages have none of them.
-fn remove_listed(headers: &mut HeaderMap, list: &[HeaderName]) {
+/// [`strip_hop_by_hop`], and in the same pass the headers named in `also`.
+fn strip(headers: &mut HeaderMap, also: &[HeaderName]) {
+    // `keep-alive`, the token nearly every `Connection` header carries, is in the list
+    // already: no name is parsed and nothing is allocated for it.
+    let mut named: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(value) = value.to_str() else { continue };
+        for token in value.split(',').map(str::trim) {
+            if !token.eq_ignore_ascii_case("keep-alive")
+                && let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+            {
+                named.push(name);
+            }
+        }
+    }
+    for name in named {
+        headers.remove(name);
+    }
+    remove_listed(headers, &HOP_BY_HOP, also);
+}
+
+/// Remove the headers named in `list` or `also`. A message carries a handful of
+/// headers, so one pass over its names beats a hashed `remove` for each entry of the
+/// lists; most messages have none of them. A name is compared with the lists only when
+/// one of them has a name of its length (a bit set of lengths, all below 64).
+fn remove_listed(headers: &mut HeaderMap, list: &[HeaderName], also: &[HeaderName]) {
+    let lengths = list.iter().chain(also).fold(0u64, |m, n| {
+        m | 1u64.checked_shl(n.as_str().len() as u32).unwrap_or(0)
+    });
     let mut found: Option<Vec<HeaderName>> = None;
     for name in headers.keys() {
-        if list.contains(name) {
+        let len = name.as_str().len();
+        if len < 64 && lengths & (1 << len) != 0 && (list.contains(name) || also.contains(name)) {
             found.get_or_insert_with(Vec::new).push(name.clone());
         }
     }
@@ -112,12 +124,8 @@ fn ip_value(ip: std::net::IpAddr) -> Option<HeaderValue> {
 }
 
 pub struct Proxy {
-    client: Client<HttpConnector, Body>,
+    pool: Arc<Pool>,
     upstream: UpstreamUrl,
-    /// The upstream's scheme and authority, parsed once (each request's URI is
-    /// built from them and the client's path).
-    scheme: http::uri::Scheme,
-    authority: http::uri::Authority,
     /// `http://host:port` for messages and `Location` rewriting.
     origin: String,
     credentials: Option<HeaderValue>,
@@ -130,19 +138,15 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(config: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Proxy, String> {
         let upstream = parse_upstream_url(&config.url)?;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(config.connect_timeout_secs)));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(config.pool_idle_secs))
-            .pool_max_idle_per_host(config.pool_max_idle)
-            .set_host(false)
+        let pool = Pool::new(PoolConfig {
+            authority: upstream.authority.clone(),
+            connect_timeout: Duration::from_secs(config.connect_timeout_secs),
+            idle_timeout: Duration::from_secs(config.pool_idle_secs),
+            max_idle: config.pool_max_idle,
             // Upstream reads of up to 64 KiB: big enough for full TLS records towards
             // the client, small enough that 50 parallel downloads stay in a few MiB.
-            .http1_max_buf_size(64 * 1024)
-            .build(connector);
+            max_buf_size: 64 * 1024,
+        });
         let credentials = match (&config.username, &config.password) {
             (Some(u), Some(p)) => {
                 use base64::Engine;
@@ -155,19 +159,9 @@ impl Proxy {
             _ => None,
         };
         let origin = format!("{}://{}", upstream.scheme, upstream.authority);
-        let scheme = upstream
-            .scheme
-            .parse()
-            .map_err(|e| format!("upstream URL {}: {e}", config.url))?;
-        let authority = upstream
-            .authority
-            .parse()
-            .map_err(|e| format!("upstream URL {}: {e}", config.url))?;
         Ok(Proxy {
-            client,
+            pool,
             upstream,
-            scheme,
-            authority,
             origin,
             credentials,
             response_timeout: Duration::from_secs(config.response_timeout_secs),
@@ -176,31 +170,18 @@ impl Proxy {
         })
     }
 
-    fn upstream_request(
-        &self,
-        req: Request<Body>,
-        ctx: &RequestContext,
-    ) -> Result<Request<Body>, OciError> {
+    fn upstream_request(&self, req: Request<Body>, ctx: &RequestContext) -> Request<Body> {
         let (mut parts, body) = req.into_parts();
-        let mut target = http::uri::Parts::default();
-        target.scheme = Some(self.scheme.clone());
-        target.authority = Some(self.authority.clone());
-        target.path_and_query = Some(
-            std::mem::take(&mut parts.uri)
-                .into_parts()
-                .path_and_query
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-        );
-        parts.uri = Uri::from_parts(target).map_err(|e| {
-            OciError::new(
-                ErrorCode::Unknown,
-                format!("cannot build upstream URI: {e}"),
-            )
-        })?;
+        // Origin form, as an HTTP/1.1 request line wants it: the client's path and query
+        // (the connection goes to the configured upstream whatever the request says).
+        let path = std::mem::take(&mut parts.uri)
+            .into_parts()
+            .path_and_query
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(path);
         parts.version = http::Version::HTTP_11;
         let headers = &mut parts.headers;
-        strip_hop_by_hop(headers);
-        remove_listed(headers, &CLIENT_SET_FORBIDDEN);
+        strip(headers, &CLIENT_SET_FORBIDDEN);
         // ProxyPreserveHost: the upstream sees the host the client asked for.
         if let Ok(host) = HeaderValue::from_str(&ctx.host) {
             headers.insert(header::HOST, host.clone());
@@ -213,7 +194,7 @@ impl Proxy {
         if let Some(creds) = &self.credentials {
             headers.insert(header::AUTHORIZATION, creds.clone());
         }
-        Ok(Request::from_parts(parts, body))
+        Request::from_parts(parts, body)
     }
 
     /// `ProxyPassReverse`: a `Location` that points at the upstream points at the gate.
@@ -238,10 +219,7 @@ impl Proxy {
     }
 
     async fn forward(&self, req: Request<Body>, ctx: RequestContext) -> Response<Body> {
-        let upstream_req = match self.upstream_request(req, &ctx) {
-            Ok(r) => r,
-            Err(e) => return e.into_response(),
-        };
+        let upstream_req = self.upstream_request(req, &ctx);
         // An upload is answered after its whole body; a blob may take the upstream a
         // while to start sending. Everything else should be answered at once.
         let (limit, key) = match ctx.route {
@@ -252,7 +230,7 @@ impl Proxy {
             }
             _ => (self.header_timeout, "upstream.header_timeout_secs"),
         };
-        let sent = tokio::time::timeout(limit, self.client.request(upstream_req)).await;
+        let sent = tokio::time::timeout(limit, self.pool.send(upstream_req)).await;
         let resp = match sent {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
@@ -261,7 +239,7 @@ impl Proxy {
                     .upstream_errors
                     .get_or_create(&ReasonLabels { reason })
                     .inc();
-                let cause = error_chain(&e);
+                let cause = e.to_string();
                 tracing::warn!(id = %ctx.id, upstream = %self.origin, "upstream request failed: {cause}");
                 let what = if e.is_connect() {
                     "unreachable"
@@ -299,21 +277,6 @@ impl Proxy {
     }
 }
 
-/// An error and its causes in one line (hyper-util's top-level message alone is vague).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !out.contains(&s_text) {
-            out.push_str(": ");
-            out.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    out
-}
-
 impl Backend for Proxy {
     fn handle(&self, req: Request<Body>, ctx: RequestContext) -> BoxFuture<'_, Response<Body>> {
         Box::pin(self.forward(req, ctx))
@@ -326,17 +289,22 @@ impl Backend for Proxy {
     fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
             // Any HTTP answer to the version check means the upstream is there.
-            let uri: Uri = format!("{}/v2/", self.origin)
-                .parse()
-                .map_err(|e| format!("upstream URI: {e}"))?;
             let mut req = Request::new(body::empty());
-            *req.uri_mut() = uri;
+            *req.uri_mut() = Uri::from_static("/v2/");
             if let Ok(host) = HeaderValue::from_str(&self.upstream.authority) {
                 req.headers_mut().insert(header::HOST, host);
             }
-            match tokio::time::timeout(Duration::from_secs(2), self.client.request(req)).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(format!("upstream {}: {}", self.origin, error_chain(&e))),
+            let probe = async {
+                let resp = self.pool.send(req).await?;
+                // Read to the end (a few bytes of JSON): the connection is then kept for
+                // the next request instead of closed.
+                let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024);
+                let _ = http_body_util::BodyExt::collect(body).await;
+                Ok::<_, crate::pool::SendError>(())
+            };
+            match tokio::time::timeout(Duration::from_secs(2), probe).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("upstream {}: {e}", self.origin)),
                 Err(_) => Err(format!(
                     "upstream {} did not answer within 2 s",
                     self.origin
@@ -364,6 +332,22 @@ mod tests {
     }
 
     #[test]
+    fn strips_hop_by_hop_and_the_extra_list_in_one_pass() {
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("Keep-Alive"));
+        h.append("connection", HeaderValue::from_static(" x-two ,"));
+        h.insert("x-two", HeaderValue::from_static("2"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-real-ip", HeaderValue::from_static("9.9.9.9"));
+        h.insert("authorization", HeaderValue::from_static("Basic Og=="));
+        h.insert("user-agent", HeaderValue::from_static("docker/27"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        strip(&mut h, &CLIENT_SET_FORBIDDEN);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("user-agent"));
+    }
+
+    #[test]
     fn removes_every_value_of_a_listed_header_and_keeps_the_rest() {
         let mut h = HeaderMap::new();
         h.append("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
@@ -371,7 +355,7 @@ mod tests {
         h.insert("authorization", HeaderValue::from_static("Basic Og=="));
         h.insert("accept", HeaderValue::from_static("*/*"));
         h.insert("x-real-ip", HeaderValue::from_static("9.9.9.9"));
-        remove_listed(&mut h, &CLIENT_SET_FORBIDDEN);
+        remove_listed(&mut h, &CLIENT_SET_FORBIDDEN, &[]);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("accept"));
     }
