@@ -1,8 +1,9 @@
 //! Keep-alive HTTP/1.1 connections to the one upstream registry.
 //!
 //! The proxy talks to a single host over plain HTTP, so the pool is a stack of idle
-//! connections behind a mutex: no per-request key hashing, no spawned task to hand a
-//! connection back, no URI rewriting (requests arrive in origin form). A connection
+//! connections behind a mutex: no per-request key hashing, no URI rewriting (requests
+//! arrive in origin form), and a task to hand a connection back only for one still
+//! busy when taken (an early answer to an upload). A connection
 //! goes back on the stack when its response body has been read to the end; one whose
 //! response was dropped half-read is closed (what is left of that body would have to
 //! be read first).
@@ -86,16 +87,18 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Needs a Tokio runtime: a task closes connections idle for longer than the
-    /// idle timeout (it ends with the pool).
+    /// Within a Tokio runtime, a task closes connections idle for longer than the
+    /// idle timeout (it ends with the pool); without one, they are dropped when next
+    /// taken.
     pub fn new(config: PoolConfig) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             config,
             idle: Mutex::new(Vec::new()),
         });
-        let weak = Arc::downgrade(&pool);
-        let every = (pool.config.idle_timeout / 2).max(Duration::from_millis(100));
-        tokio::spawn(reap(weak, every));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let every = (pool.config.idle_timeout / 2).max(Duration::from_millis(100));
+            runtime.spawn(reap(Arc::downgrade(&pool), every));
+        }
         pool
     }
 
@@ -106,7 +109,7 @@ impl Pool {
         mut req: Request<Body>,
     ) -> Result<Response<PooledBody>, SendError> {
         loop {
-            let (mut conn, reused) = match self.take_idle() {
+            let (mut conn, reused) = match self.take_idle().await {
                 Some(conn) => (conn, true),
                 None => (self.connect().await?, false),
             };
@@ -129,28 +132,47 @@ impl Pool {
         }
     }
 
-    /// The most recently used idle connection that is still open and ready. Only ready
-    /// connections are put back (see [`PooledBody`]), so one that is not has closed.
-    fn take_idle(&self) -> Option<SendRequest<Body>> {
-        let mut idle = self.lock();
-        while let Some(Idle { conn, since }) = idle.pop() {
-            if since.elapsed() < self.config.idle_timeout && conn.is_ready() {
+    /// The most recently used idle connection that is still open and ready.
+    async fn take_idle(self: &Arc<Self>) -> Option<SendRequest<Body>> {
+        loop {
+            let Idle { conn, since } = self.lock().pop()?;
+            if since.elapsed() >= self.config.idle_timeout || conn.is_closed() {
+                continue;
+            }
+            if conn.is_ready() {
                 return Some(conn);
             }
+            // Put back the moment its response ended, its connection task may not have
+            // asked for the next request yet: a matter of microseconds, one yield.
+            tokio::task::yield_now().await;
+            if conn.is_ready() {
+                return Some(conn);
+            }
+            // Still busy (its request body is still being sent after an early answer):
+            // it comes back once ready, and this request does not wait for it.
+            if !conn.is_closed() {
+                self.put_when_ready(conn);
+            }
         }
-        None
+    }
+
+    fn put_when_ready(self: &Arc<Self>, mut conn: SendRequest<Body>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // The pool is not kept alive by the wait (an upload may go on for long).
+        let pool = Arc::downgrade(self);
+        runtime.spawn(async move {
+            if conn.ready().await.is_ok()
+                && let Some(pool) = pool.upgrade()
+            {
+                pool.put(conn);
+            }
+        });
     }
 
     async fn connect(&self) -> Result<SendRequest<Body>, SendError> {
-        let authority = self.config.authority.as_str();
-        let tcp = tokio::time::timeout(self.config.connect_timeout, connect_any(authority))
-            .await
-            .map_err(|_| {
-                SendError::Connect(format!(
-                    "no connection within {} s",
-                    self.config.connect_timeout.as_secs_f32()
-                ))
-            })??;
+        let tcp = connect_any(&self.config.authority, self.config.connect_timeout).await?;
         let (conn, connection) = http1::Builder::new()
             .max_buf_size(self.config.max_buf_size)
             .handshake(TokioIo::new(tcp))
@@ -186,27 +208,51 @@ impl Pool {
     }
 }
 
-/// TCP to the first address of `authority` that accepts, like a browser without
-/// Happy Eyeballs: the upstream is on a private network, usually one address.
-async fn connect_any(authority: &str) -> Result<tokio::net::TcpStream, SendError> {
-    let addrs = tokio::net::lookup_host(authority)
-        .await
-        .map_err(|e| SendError::Connect(format!("cannot resolve {authority}: {e}")))?;
-    let mut last = None;
-    for addr in addrs {
-        match tokio::net::TcpStream::connect(addr).await {
-            Ok(tcp) => {
+/// TCP to the first address of `authority` that accepts. `limit` covers the name
+/// lookup and is shared among the addresses, so that one that drops packets (an AAAA
+/// record of an IPv4-only host) leaves time for the next; every address's failure is
+/// in the error.
+async fn connect_any(authority: &str, limit: Duration) -> Result<tokio::net::TcpStream, SendError> {
+    let started = Instant::now();
+    let addrs: Vec<std::net::SocketAddr> =
+        match tokio::time::timeout(limit, tokio::net::lookup_host(authority)).await {
+            Ok(Ok(addrs)) => addrs.collect(),
+            Ok(Err(e)) => {
+                return Err(SendError::Connect(format!(
+                    "cannot resolve {authority}: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(SendError::Connect(format!(
+                    "cannot resolve {authority} within {} s",
+                    limit.as_secs_f32()
+                )));
+            }
+        };
+    if addrs.is_empty() {
+        return Err(SendError::Connect(format!(
+            "{authority} resolves to no address"
+        )));
+    }
+    let mut failures = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let left = limit.saturating_sub(started.elapsed());
+        let share = left / (addrs.len() - i) as u32;
+        match tokio::time::timeout(share, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => {
                 let _ = tcp.set_nodelay(true);
                 let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
                 let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
                 return Ok(tcp);
             }
-            Err(e) => last = Some(format!("{addr}: {e}")),
+            Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
+            Err(_) => failures.push(format!(
+                "{addr}: no answer within {:.1} s",
+                share.as_secs_f32()
+            )),
         }
     }
-    Err(SendError::Connect(last.unwrap_or_else(|| {
-        format!("{authority} resolves to no address")
-    })))
+    Err(SendError::Connect(failures.join("; ")))
 }
 
 async fn reap(pool: Weak<Pool>, every: Duration) {
@@ -238,26 +284,17 @@ impl std::fmt::Debug for PooledBody {
 }
 
 impl PooledBody {
-    /// The response is read: the connection goes back once it can take the next
-    /// request. That is nearly always at once (hyper's connection task asks for the
-    /// next request as soon as it has passed on the last bytes); when it is not, for
-    /// one whose request body is still being sent after an early answer, a task waits
-    /// for it, so that a connection in the pool never keeps a request waiting.
+    /// The response is read: the connection goes back on the stack. hyper's connection
+    /// task asks for the next request as soon as it has passed on the last bytes, so it
+    /// is nearly always ready by the time it is taken; one that is not is set aside
+    /// then (see `take_idle`), so that a pooled connection never keeps a request
+    /// waiting. (`is_ready` is true only once the last exchange is over both ways:
+    /// hyper >= 1.12 withdraws the ask when it takes a request; Cargo.toml requires it.)
     fn release(&mut self) {
-        let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.upgrade()) else {
-            return;
-        };
-        if conn.is_ready() {
-            pool.put(conn);
-        } else if !conn.is_closed()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.upgrade())
+            && !conn.is_closed()
         {
-            let mut conn = conn;
-            runtime.spawn(async move {
-                if conn.ready().await.is_ok() {
-                    pool.put(conn);
-                }
-            });
+            pool.put(conn);
         }
     }
 }
@@ -450,8 +487,8 @@ mod tests {
         assert!(err.to_string().contains(&addr), "{err}");
     }
 
-    /// The pool holds `n` idle connections within a second (one whose connection task
-    /// has not yet asked for the next request is put back by a task of its own).
+    /// The pool holds `n` idle connections within a second (one still sending its
+    /// request body is put back by a task of its own once done).
     async fn idle_soon(pool: &Pool, n: usize) {
         for _ in 0..100 {
             if pool.idle_count() == n {
