@@ -3,10 +3,10 @@
 //! The proxy talks to a single host over plain HTTP, so the pool is a stack of idle
 //! connections behind a mutex: no per-request key hashing, no URI rewriting (requests
 //! arrive in origin form), and a task to hand a connection back only for one still
-//! busy when taken (an early answer to an upload). A connection
-//! goes back on the stack when its response body has been read to the end; one whose
-//! response was dropped half-read is closed (what is left of that body would have to
-//! be read first).
+//! busy when taken (an early answer to an upload). A connection goes back on the
+//! stack when its response body has been read to the end; one whose response was
+//! dropped half-read is closed (what is left of that body would have to be read
+//! first).
 //!
 //! A pooled connection the upstream closed while it was idle is skipped when hyper has
 //! seen the close, or found out before the request is written (hyper gives the request
@@ -156,13 +156,11 @@ impl Pool {
         }
     }
 
+    /// Called from `take_idle`, so always within the runtime.
     fn put_when_ready(self: &Arc<Self>, mut conn: SendRequest<Body>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         // The pool is not kept alive by the wait (an upload may go on for long).
         let pool = Arc::downgrade(self);
-        runtime.spawn(async move {
+        tokio::spawn(async move {
             if conn.ready().await.is_ok()
                 && let Some(pool) = pool.upgrade()
             {
@@ -202,8 +200,9 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Idle connections now (for tests and metrics).
-    pub fn idle_count(&self) -> usize {
+    /// Idle connections now.
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
         self.lock().len()
     }
 }

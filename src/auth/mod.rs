@@ -47,6 +47,15 @@ impl Identity {
             Identity::Token(c) => c.subject(),
         }
     }
+
+    /// [`Identity::log_name`] to keep: borrowed for anonymous requests (most of
+    /// them), so nothing is allocated for those.
+    pub fn log_name_owned(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Identity::Anonymous => std::borrow::Cow::Borrowed("-"),
+            named => std::borrow::Cow::Owned(named.log_name().to_owned()),
+        }
+    }
 }
 
 /// What the `Authorization` header carries.

@@ -143,7 +143,7 @@ impl Pending {
             tag,
         };
         let request = notify::request_record(
-            &self.id,
+            self.id.as_str(),
             self.peer,
             &self.host,
             &self.method,

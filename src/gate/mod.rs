@@ -161,10 +161,7 @@ impl Gate {
         let (resp, user, family) = match self.admit(head, peer, id).await {
             Ok(Admitted::Backend(req, ctx)) => {
                 let req = req.map(|()| req_body);
-                let user = match &ctx.identity {
-                    crate::auth::Identity::Anonymous => Cow::Borrowed("-"),
-                    identity => Cow::Owned(identity.log_name().to_owned()),
-                };
+                let user = ctx.identity.log_name_owned();
                 let family = ctx.route.family();
                 let filter = matches!(ctx.route, Route::Catalog) && self.policy.restricts_pull();
                 let caller_identity = filter.then(|| ctx.identity.clone());

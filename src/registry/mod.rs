@@ -279,7 +279,7 @@ impl Backend for Registry {
             match self.dispatch(req, &ctx).await {
                 Ok(resp) => resp,
                 Err(Failure::Client(e)) => e.into_response(),
-                Err(Failure::Storage(e)) => storage_error_response(&ctx.id, e),
+                Err(Failure::Storage(e)) => storage_error_response(ctx.id.as_str(), e),
             }
         })
     }
