@@ -2,11 +2,13 @@
 //! [`Backend`] without knowing whether it is the proxy to an external registry or (later)
 //! the registry built into this process.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 
 use crate::auth::Identity;
 use crate::body::Body;
@@ -54,10 +56,33 @@ pub struct RequestContext {
     pub peer: SocketAddr,
     pub identity: Identity,
     pub route: Route,
-    /// `https://host[:port]` as clients reach the gate (from `public_url` or `Host`).
-    pub public_base: String,
-    /// The host the client asked for (`Host`, or the HTTP/2 authority).
-    pub host: String,
+    /// The host the client asked for (`Host`, or the HTTP/2 authority), checked to
+    /// hold only host-name characters. A `HeaderValue`: taken from the request without
+    /// a copy, and put on an upstream request the same way.
+    pub host: HeaderValue,
+    /// The configured `public_url` (shared, not copied per request).
+    pub public_url: Option<Arc<str>>,
+}
+
+impl RequestContext {
+    /// The host the client asked for.
+    pub fn host_str(&self) -> &str {
+        self.host.to_str().unwrap_or_default()
+    }
+
+    /// `https://host[:port]` as clients reach the gate: `public_url`, or the host the
+    /// client asked for (built only when a response needs it).
+    pub fn public_base(&self) -> Cow<'_, str> {
+        public_base(self.public_url.as_deref(), self.host_str())
+    }
+}
+
+/// `public_url`, or `https://` and the host the client asked for.
+pub fn public_base<'a>(public_url: Option<&'a str>, host: &str) -> Cow<'a, str> {
+    match public_url {
+        Some(url) => Cow::Borrowed(url),
+        None => Cow::Owned(format!("https://{host}")),
+    }
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -70,26 +70,38 @@ pub async fn collect_limited(mut body: Body, limit: usize) -> Result<Bytes, BoxE
     Ok(buf.freeze())
 }
 
-/// Called once when a [`Counted`] body ends: with `true` when it reached its end,
-/// `false` when it failed or was dropped before.
+/// What a [`Counted`] body reports: the length of every data frame as it passes, then
+/// its end, once: `true` when it reached its end, `false` when it failed or was
+/// dropped before.
 pub trait OnEnd: Send + Sync + 'static {
+    fn counted(&mut self, _bytes: u64) {}
     fn ended(&mut self, complete: bool);
 }
 
-/// A body that adds the length of every data frame to a shared counter and reports its
-/// end once.
-pub struct Counted<B: HttpBody> {
-    inner: B,
-    counter: Arc<AtomicU64>,
-    on_end: Option<Box<dyn OnEnd>>,
+/// Counts into a counter shared with whoever reads it while the body still flows (a
+/// request body's length, read when the backend has answered).
+pub struct SharedCount(pub Arc<AtomicU64>);
+
+impl OnEnd for SharedCount {
+    fn counted(&mut self, bytes: u64) {
+        self.0.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn ended(&mut self, _complete: bool) {}
 }
 
-impl<B: HttpBody> Counted<B> {
-    pub fn new(inner: B, counter: Arc<AtomicU64>, on_end: Option<Box<dyn OnEnd>>) -> Self {
+/// A body that reports its data frames and its end to `E`, kept inline (nothing is
+/// allocated for it).
+pub struct Counted<B: HttpBody, E: OnEnd> {
+    inner: B,
+    on_end: Option<E>,
+}
+
+impl<B: HttpBody, E: OnEnd> Counted<B, E> {
+    pub fn new(inner: B, on_end: E) -> Self {
         Counted {
             inner,
-            counter,
-            on_end,
+            on_end: Some(on_end),
         }
     }
 
@@ -100,9 +112,10 @@ impl<B: HttpBody> Counted<B> {
     }
 }
 
-impl<B> HttpBody for Counted<B>
+impl<B, E> HttpBody for Counted<B, E>
 where
     B: HttpBody<Data = Bytes> + Unpin,
+    E: OnEnd + Unpin,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -115,8 +128,8 @@ where
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                if let (Some(data), Some(on_end)) = (frame.data_ref(), this.on_end.as_mut()) {
+                    on_end.counted(data.len() as u64);
                 }
                 if this.inner.is_end_stream() {
                     this.finish(true);
@@ -138,7 +151,7 @@ where
     }
 }
 
-impl<B: HttpBody> Drop for Counted<B> {
+impl<B: HttpBody, E: OnEnd> Drop for Counted<B, E> {
     fn drop(&mut self) {
         // An empty body (HEAD, 202 without content) is complete without being polled.
         let complete = self.inner.is_end_stream();
@@ -158,10 +171,13 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    struct Record(Arc<Mutex<Vec<bool>>>);
+    struct Record(Arc<Mutex<Vec<(u64, bool)>>>, u64);
     impl OnEnd for Record {
+        fn counted(&mut self, bytes: u64) {
+            self.1 += bytes;
+        }
         fn ended(&mut self, complete: bool) {
-            self.0.lock().expect("lock").push(complete);
+            self.0.lock().expect("lock").push((self.1, complete));
         }
     }
 
@@ -169,26 +185,21 @@ mod tests {
     async fn counts_and_reports_once() {
         let ends = Arc::new(Mutex::new(Vec::new()));
         let counter = Arc::new(AtomicU64::new(0));
-        let body = Counted::new(
-            full("hello world"),
-            counter.clone(),
-            Some(Box::new(Record(ends.clone()))),
-        );
+        let body = Counted::new(full("hello world"), SharedCount(counter.clone()));
         let bytes = body.collect().await.expect("collect").to_bytes();
         assert_eq!(bytes.len(), 11);
         assert_eq!(counter.load(Ordering::Relaxed), 11);
-        assert_eq!(*ends.lock().expect("lock"), vec![true]);
+        let body = Counted::new(full("hello world"), Record(ends.clone(), 0));
+        let bytes = body.collect().await.expect("collect").to_bytes();
+        assert_eq!(bytes.len(), 11);
+        assert_eq!(*ends.lock().expect("lock"), vec![(11, true)]);
     }
 
     #[tokio::test]
     async fn dropped_early_reports_incomplete() {
         let ends = Arc::new(Mutex::new(Vec::new()));
-        let body = Counted::new(
-            full("x"),
-            Arc::new(AtomicU64::new(0)),
-            Some(Box::new(Record(ends.clone()))),
-        );
+        let body = Counted::new(full("x"), Record(ends.clone(), 0));
         drop(body);
-        assert_eq!(*ends.lock().expect("lock"), vec![false]);
+        assert_eq!(*ends.lock().expect("lock"), vec![(0, false)]);
     }
 }

@@ -20,18 +20,17 @@ use crate::pool::{Pool, PoolConfig};
 use std::sync::Arc;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
-/// ones a proxy must not pass on. Names, not strings: comparing two names of the
-/// standard table is comparing two bytes, and nothing is parsed per request.
-static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+/// ones a proxy must not pass on.
+static HOP_BY_HOP: NameList = name_list![
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
 ];
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -39,59 +38,120 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Headers a client may not set on the upstream request: the gate sets them itself.
-static CLIENT_SET_FORBIDDEN: [HeaderName; 8] = [
-    header::AUTHORIZATION,
-    header::FORWARDED,
-    X_FORWARDED_FOR,
-    X_FORWARDED_HOST,
-    X_FORWARDED_PROTO,
-    HeaderName::from_static("x-forwarded-port"),
-    HeaderName::from_static("x-real-ip"),
-    header::EXPECT,
+static CLIENT_SET_FORBIDDEN: NameList = name_list![
+    "authorization",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-real-ip",
+    "expect",
 ];
+
+/// Header names, at most 16, and the set of their lengths (all below 64): a message's
+/// name is compared with the list only when some listed name has its length, so most
+/// names cost a shift and a mask. Names, not strings: two names of the standard table
+/// compare as two bytes.
+struct NameList {
+    names: &'static [HeaderName],
+    /// The same names as strings, to compare with `HeaderName::as_str`.
+    strs: &'static [&'static str],
+    lengths: u64,
+}
+
+macro_rules! name_list {
+    ($($name:literal),* $(,)?) => {{
+        const LIST: &[&str] = &[$($name),*];
+        static NAMES: [HeaderName; LIST.len()] = [$(HeaderName::from_static($name)),*];
+        NameList {
+            names: &NAMES,
+            strs: LIST,
+            lengths: name_lengths(LIST),
+        }
+    }};
+}
+use name_list;
+
+const fn name_lengths(names: &[&str]) -> u64 {
+    assert!(names.len() <= 16, "a list of at most 16 names");
+    let mut lengths = 0u64;
+    let mut i = 0;
+    while i < names.len() {
+        assert!(
+            names[i].len() < 64,
+            "listed header names are shorter than 64"
+        );
+        lengths |= 1 << names[i].len();
+        i += 1;
+    }
+    lengths
+}
+
+/// For a message that has only the hop-by-hop headers to lose.
+static NO_NAMES: NameList = name_list![];
+
+impl NameList {
+    /// The index of `name` (a `HeaderName::as_str`) in the list.
+    #[inline]
+    fn find(&self, name: &str) -> Option<usize> {
+        let len = name.len();
+        if len >= 64 || self.lengths & (1 << len) == 0 {
+            return None;
+        }
+        self.strs.iter().position(|n| *n == name)
+    }
+}
 
 /// Remove hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    strip(headers, &[]);
+    strip(headers, &NO_NAMES);
 }
 
-/// [`strip_hop_by_hop`], and in the same pass the headers named in `also`.
-fn strip(headers: &mut HeaderMap, also: &[HeaderName]) {
-    // `keep-alive`, the token nearly every `Connection` header carries, is in the list
-    // already: no name is parsed and nothing is allocated for it.
-    let mut named: Vec<HeaderName> = Vec::new();
-    for value in headers.get_all(header::CONNECTION) {
-        let Ok(value) = value.to_str() else { continue };
-        for token in value.split(',').map(str::trim) {
-            if !token.eq_ignore_ascii_case("keep-alive")
-                && let Ok(name) = HeaderName::from_bytes(token.as_bytes())
-            {
-                named.push(name);
+/// [`strip_hop_by_hop`], and in the same pass the headers named in `also`. One pass
+/// over the message's names (a handful) beats a hashed `remove` for each listed one,
+/// and most messages have none of them; what is found is a bit per listed name.
+fn strip(headers: &mut HeaderMap, also: &NameList) {
+    let mut found = 0u32;
+    for name in headers.keys() {
+        let name = name.as_str();
+        if let Some(i) = HOP_BY_HOP.find(name) {
+            found |= 1 << i;
+        } else if let Some(i) = also.find(name) {
+            found |= 1 << (16 + i);
+        }
+    }
+    if found == 0 {
+        return;
+    }
+    // Index 0 of the hop-by-hop list is `Connection`: the names it lists go too.
+    // `keep-alive`, the token nearly every one carries, is listed already (and `close`
+    // names no header): nothing is parsed or allocated for them.
+    let mut named = Vec::new();
+    if found & 1 != 0 {
+        for value in headers.get_all(header::CONNECTION) {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',').map(str::trim) {
+                if !token.eq_ignore_ascii_case("keep-alive")
+                    && !token.eq_ignore_ascii_case("close")
+                    && let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+                {
+                    named.push(name);
+                }
             }
         }
     }
-    for name in named {
-        headers.remove(name);
-    }
-    remove_listed(headers, &HOP_BY_HOP, also);
-}
-
-/// Remove the headers named in `list` or `also`. A message carries a handful of
-/// headers, so one pass over its names beats a hashed `remove` for each entry of the
-/// lists; most messages have none of them. A name is compared with the lists only when
-/// one of them has a name of its length (a bit set of lengths, all below 64).
-fn remove_listed(headers: &mut HeaderMap, list: &[HeaderName], also: &[HeaderName]) {
-    let lengths = list.iter().chain(also).fold(0u64, |m, n| {
-        m | 1u64.checked_shl(n.as_str().len() as u32).unwrap_or(0)
-    });
-    let mut found: Option<Vec<HeaderName>> = None;
-    for name in headers.keys() {
-        let len = name.as_str().len();
-        if len < 64 && lengths & (1 << len) != 0 && (list.contains(name) || also.contains(name)) {
-            found.get_or_insert_with(Vec::new).push(name.clone());
+    for (i, name) in HOP_BY_HOP.names.iter().enumerate() {
+        if found & (1 << i) != 0 {
+            headers.remove(name);
         }
     }
-    for name in found.into_iter().flatten() {
+    for (i, name) in also.names.iter().enumerate() {
+        if found & (1 << (16 + i)) != 0 {
+            headers.remove(name);
+        }
+    }
+    for name in named {
         headers.remove(name);
     }
 }
@@ -182,11 +242,13 @@ impl Proxy {
         parts.version = http::Version::HTTP_11;
         let headers = &mut parts.headers;
         strip(headers, &CLIENT_SET_FORBIDDEN);
-        // ProxyPreserveHost: the upstream sees the host the client asked for.
-        if let Ok(host) = HeaderValue::from_str(&ctx.host) {
-            headers.insert(header::HOST, host.clone());
-            headers.insert(X_FORWARDED_HOST, host);
+        // ProxyPreserveHost: the upstream sees the host the client asked for. An
+        // HTTP/1.1 request has it as its one `Host` already (the gate checked); an
+        // HTTP/2 request has it as its authority.
+        if !headers.contains_key(header::HOST) {
+            headers.insert(header::HOST, ctx.host.clone());
         }
+        headers.insert(X_FORWARDED_HOST, ctx.host.clone());
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         if let Some(ip) = ip_value(ctx.peer.ip()) {
             headers.insert(X_FORWARDED_FOR, ip);
@@ -272,7 +334,9 @@ impl Proxy {
         };
         let (mut parts, incoming) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        self.rewrite_location(&mut parts.headers, &ctx.public_base);
+        if parts.headers.contains_key(header::LOCATION) {
+            self.rewrite_location(&mut parts.headers, &ctx.public_base());
+        }
         Response::from_parts(parts, body::boxed(incoming))
     }
 }
@@ -355,7 +419,22 @@ mod tests {
         h.insert("authorization", HeaderValue::from_static("Basic Og=="));
         h.insert("accept", HeaderValue::from_static("*/*"));
         h.insert("x-real-ip", HeaderValue::from_static("9.9.9.9"));
-        remove_listed(&mut h, &CLIENT_SET_FORBIDDEN, &[]);
+        strip(&mut h, &CLIENT_SET_FORBIDDEN);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("accept"));
+    }
+
+    #[test]
+    fn more_listed_headers_than_the_stack_holds_are_all_removed() {
+        let mut h = HeaderMap::new();
+        for name in CLIENT_SET_FORBIDDEN.names.iter().chain(HOP_BY_HOP.names) {
+            h.insert(name.clone(), HeaderValue::from_static("1"));
+        }
+        h.insert("connection", HeaderValue::from_static("x-a, x-b,close"));
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert("x-b", HeaderValue::from_static("1"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        strip(&mut h, &CLIENT_SET_FORBIDDEN);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("accept"));
     }

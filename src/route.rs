@@ -5,6 +5,7 @@
 //! never pass on: dot segments, empty segments, percent-encoded separators, `;`
 //! parameters, backslashes and control bytes.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// Longest repository name accepted (distribution's limit).
@@ -289,47 +290,70 @@ impl UploadId {
 /// Check a raw request path (as received, still percent-encoded) and return it decoded
 /// for routing. Only `%3A` (an encoded `:` in a digest) is decoded; every other escape
 /// is refused, because no valid registry path needs one.
-pub fn normalize(raw: &str) -> Result<String, RouteError> {
+pub fn normalize(raw: &str) -> Result<Cow<'_, str>, RouteError> {
     if !raw.starts_with('/') {
         return Err(RouteError::BadPath("not an absolute path"));
     }
-    let mut out = String::with_capacity(raw.len());
     let bytes = raw.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        let c = bytes[i];
+    // One pass over the bytes: refuse what no registry path has, note escapes, and
+    // check the segments (none empty except a trailing slash, none "." or "..").
+    // `%3A` decodes to ':', which cannot make a segment empty or a dot segment.
+    let mut escaped = false;
+    let mut seg_start = 1;
+    for (i, &c) in bytes.iter().enumerate().skip(1) {
         match c {
             b'%' => {
                 let esc = bytes.get(i + 1..i + 3);
-                if esc.is_some_and(|e| e.eq_ignore_ascii_case(b"3a")) {
-                    out.push(':');
-                    i += 3;
-                    continue;
+                if !esc.is_some_and(|e| e.eq_ignore_ascii_case(b"3a")) {
+                    return Err(RouteError::BadPath("percent-encoded characters"));
                 }
-                return Err(RouteError::BadPath("percent-encoded characters"));
+                escaped = true;
             }
             b';' => return Err(RouteError::BadPath("';' parameters")),
             b'\\' => return Err(RouteError::BadPath("backslash")),
+            b'/' => {
+                check_segment(&bytes[seg_start..i])?;
+                seg_start = i + 1;
+            }
             c if c <= 0x20 || c >= 0x7f => {
                 return Err(RouteError::BadPath("control, space or non-ASCII byte"));
             }
-            _ => out.push(c as char),
-        }
-        i += 1;
-    }
-    // Segments: none empty (except a trailing slash), none "." or "..".
-    let inner = &out[1..];
-    let trimmed = inner.strip_suffix('/').unwrap_or(inner);
-    if !trimmed.is_empty() {
-        for seg in trimmed.split('/') {
-            match seg {
-                "" => return Err(RouteError::BadPath("empty path segment")),
-                "." | ".." => return Err(RouteError::BadPath("dot segment")),
-                _ => {}
-            }
+            _ => {}
         }
     }
-    Ok(out)
+    // The last segment may be empty: a trailing slash.
+    let last = &bytes[seg_start..];
+    if !last.is_empty() {
+        check_segment(last)?;
+    }
+    if !escaped {
+        return Ok(Cow::Borrowed(raw));
+    }
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        out.push(':');
+        rest = &rest[at + 3..];
+    }
+    out.push_str(rest);
+    Ok(Cow::Owned(out))
+}
+
+/// One path segment between two slashes: not empty, not "." or "..".
+fn check_segment(seg: &[u8]) -> Result<(), RouteError> {
+    match seg {
+        b"" => Err(RouteError::BadPath("empty path segment")),
+        b"." | b".." => Err(RouteError::BadPath("dot segment")),
+        _ => Ok(()),
+    }
+}
+
+/// `s` split at its last '/' (a plain loop over a short path: `rsplit_once` sets up
+/// a general searcher on every call).
+fn split_last(s: &str) -> Option<(&str, &str)> {
+    let at = s.bytes().rposition(|b| b == b'/')?;
+    Some((&s[..at], &s[at + 1..]))
 }
 
 /// Route a normalized path (from [`normalize`]).
@@ -348,27 +372,35 @@ pub fn parse(path: &str) -> Result<Route, RouteError> {
     {
         return Ok(Route::UploadStart(RepoName::parse(name)?));
     }
-    let segs: Vec<&str> = rest.split('/').collect();
-    let n = segs.len();
-    let name_of = |k: usize| RepoName::parse(&segs[..n - k].join("/"));
-    if n >= 3 && segs[n - 2] == "tags" && segs[n - 1] == "list" {
-        return Ok(Route::Tags(name_of(2)?));
+    // `<name>/<kind>/<last>`: the name is everything before the last two segments
+    // (a repository name has slashes of its own), or the last three for an upload.
+    let Some((head, last)) = split_last(rest) else {
+        return Err(RouteError::UnknownEndpoint);
+    };
+    let Some((name, kind)) = split_last(head) else {
+        return Err(RouteError::UnknownEndpoint);
+    };
+    match kind {
+        "tags" if last == "list" => return Ok(Route::Tags(RepoName::parse(name)?)),
+        "manifests" => {
+            let name = RepoName::parse(name)?;
+            return Ok(Route::Manifest(name, Reference::parse(last)?));
+        }
+        "blobs" if last.contains(':') => {
+            let name = RepoName::parse(name)?;
+            return Ok(Route::Blob(name, Digest::parse(last)?));
+        }
+        _ => {}
     }
-    if n >= 3 && segs[n - 2] == "manifests" {
-        let name = name_of(2)?;
-        return Ok(Route::Manifest(name, Reference::parse(segs[n - 1])?));
+    if kind == "uploads"
+        && let Some((upload_name, "blobs")) = split_last(name)
+    {
+        let name = RepoName::parse(upload_name)?;
+        return Ok(Route::Upload(name, UploadId::parse(last)?));
     }
-    if n >= 3 && segs[n - 2] == "blobs" && segs[n - 1].contains(':') {
-        let name = name_of(2)?;
-        return Ok(Route::Blob(name, Digest::parse(segs[n - 1])?));
-    }
-    if n >= 4 && segs[n - 3] == "blobs" && segs[n - 2] == "uploads" {
-        let name = name_of(3)?;
-        return Ok(Route::Upload(name, UploadId::parse(segs[n - 1])?));
-    }
-    if n >= 3 && segs[n - 2] == "referrers" {
-        let name = name_of(2)?;
-        return Ok(Route::Referrers(name, Digest::parse(segs[n - 1])?));
+    if kind == "referrers" {
+        let name = RepoName::parse(name)?;
+        return Ok(Route::Referrers(name, Digest::parse(last)?));
     }
     Err(RouteError::UnknownEndpoint)
 }
@@ -426,6 +458,45 @@ mod tests {
             route(&format!("/v2/blobs/uploads/blobs/{D}")),
             Ok(Route::Blob(n, _)) if n.as_str() == "blobs/uploads"
         ));
+    }
+
+    #[test]
+    fn normalize_decodes_only_3a_and_borrows_otherwise() {
+        assert!(matches!(
+            normalize("/v2/a/b/manifests/latest"),
+            Ok(Cow::Borrowed("/v2/a/b/manifests/latest"))
+        ));
+        assert_eq!(
+            normalize("/v2/x/blobs/sha256%3Aab%3acd").expect("decoded"),
+            "/v2/x/blobs/sha256:ab:cd"
+        );
+        assert_eq!(normalize("/v2/x/").expect("trailing slash"), "/v2/x/");
+        assert_eq!(normalize("/").expect("root"), "/");
+        for p in ["/v2/x%3", "/v2/x%", "/v2/x//", "/v2/.", "/v2/x/..", "//"] {
+            assert!(
+                matches!(normalize(p), Err(RouteError::BadPath(_))),
+                "{p:?} should be refused"
+            );
+        }
+        // Routing by the tail segments, names with slashes of their own.
+        assert!(matches!(
+            route("/v2/a/b/c/blobs/uploads/u-1"),
+            Ok(Route::Upload(n, u)) if n.as_str() == "a/b/c" && u.as_str() == "u-1"
+        ));
+        assert!(matches!(
+            route("/v2/a/b/tags/list"),
+            Ok(Route::Tags(n)) if n.as_str() == "a/b"
+        ));
+        for p in [
+            "/v2/a/tags/other",
+            "/v2/a/blobs/nodigest",
+            "/v2/blobs/uploads/x",
+            "/v2/a/uploads/x",
+            "/v2/manifests/x",
+            "/v2/a",
+        ] {
+            assert_eq!(route(p), Err(RouteError::UnknownEndpoint), "{p}");
+        }
     }
 
     #[test]

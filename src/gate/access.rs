@@ -31,22 +31,25 @@ pub(super) struct AccessLog {
     pub(super) method: Method,
     pub(super) family: &'static str,
     pub(super) metrics: Arc<Metrics>,
-    pub(super) path: String,
+    /// The request's target (shared with the request, not copied); its path is logged.
+    pub(super) uri: http::Uri,
     pub(super) version: Version,
     /// `-` for anonymous requests (borrowed: nothing allocated for them).
     pub(super) user: Cow<'static, str>,
     pub(super) status: u16,
     pub(super) bytes_in: Arc<AtomicU64>,
-    pub(super) bytes_out: Arc<AtomicU64>,
+    /// Counted by the response body this log rides on.
+    pub(super) bytes_out: u64,
     pub(super) started: Instant,
 }
 
 impl OnEnd for AccessLog {
+    fn counted(&mut self, bytes: u64) {
+        self.bytes_out += bytes;
+    }
+
     fn ended(&mut self, complete: bool) {
-        let (bytes_in, bytes_out) = (
-            self.bytes_in.load(Ordering::Relaxed),
-            self.bytes_out.load(Ordering::Relaxed),
-        );
+        let (bytes_in, bytes_out) = (self.bytes_in.load(Ordering::Relaxed), self.bytes_out);
         self.metrics.observe(
             &self.method,
             self.family,
@@ -60,7 +63,7 @@ impl OnEnd for AccessLog {
             id = %self.id,
             peer = %self.peer,
             method = %printable(self.method.as_str()),
-            path = %printable(&self.path),
+            path = %printable(self.uri.path()),
             version = ?self.version,
             status = self.status,
             user = %printable(&self.user),
@@ -85,8 +88,7 @@ pub(super) fn finish(resp: Response<Body>, mut log: AccessLog) -> Response<Body>
         parts.headers.insert(REQUEST_ID, v);
     }
     log.status = parts.status.as_u16();
-    let counter = log.bytes_out.clone();
-    let body = body::boxed(Counted::new(body, counter, Some(Box::new(log))));
+    let body = body::boxed(Counted::new(body, log));
     Response::from_parts(parts, body)
 }
 

@@ -39,7 +39,7 @@ use crate::auth::{
     Authenticator, CredentialError, Credentials, Identity, PasswordCheck, parse_authorization,
 };
 use crate::backend::{Backend, RequestContext};
-use crate::body::{self, Body, Counted};
+use crate::body::{self, Body, Counted, SharedCount};
 use crate::error::{ErrorCode, OciError};
 use crate::lifecycle::immutable;
 use crate::lifecycle::rules::Lifecycle;
@@ -68,7 +68,8 @@ pub struct Gate {
     backend: Arc<dyn Backend>,
     auth: Option<Arc<Authenticator>>,
     policy: Policy,
-    public_url: Option<String>,
+    /// Shared with every request's context.
+    public_url: Option<Arc<str>>,
     tokens: TokenSettings,
     metrics: Arc<Metrics>,
     /// `[[immutable]]` (and the retention rules, unused here).
@@ -77,26 +78,51 @@ pub struct Gate {
     notifier: Option<Arc<crate::notify::Notifier>>,
 }
 
-/// What the gate knows of where the client thinks it is.
-struct Origin {
-    /// `Host` or the HTTP/2 authority.
-    host: String,
-    /// `https://host[:port]` (from `public_url`, else `host`).
-    public_base: String,
+/// What the gate knows of where the client thinks it is. Nothing is allocated for
+/// it: the host is the request's own header value, the rest is configuration.
+struct Origin<'g> {
+    /// `Host` or the HTTP/2 authority, checked (see `request_host`).
+    host: HeaderValue,
+    /// The configured `public_url`.
+    public_url: Option<&'g Arc<str>>,
     /// The configured token `service`; `None`: the public host (see `service()`).
-    service: Option<String>,
+    service: Option<&'g str>,
 }
 
-impl Origin {
-    /// The token `service`: configured, or the host of the public base (borrowed:
-    /// nothing is allocated for a request that never needs it).
+impl Origin<'_> {
+    fn host_str(&self) -> &str {
+        self.host.to_str().unwrap_or_default()
+    }
+
+    /// `https://host[:port]`: `public_url`, else the host the client asked for.
+    fn public_base(&self) -> Cow<'_, str> {
+        crate::backend::public_base(self.public_url.map(|u| &**u), self.host_str())
+    }
+
+    /// The token `service`: configured, or the host of the public base.
     fn service(&self) -> &str {
-        match &self.service {
-            Some(s) => s,
-            None => self
-                .public_base
-                .strip_prefix("https://")
-                .unwrap_or(&self.public_base),
+        match (self.service, self.public_url) {
+            (Some(s), _) => s,
+            (None, Some(url)) => url.strip_prefix("https://").unwrap_or(url),
+            (None, None) => self.host_str(),
+        }
+    }
+
+    /// The context a backend gets, for a request from this origin.
+    fn context(
+        &self,
+        id: crate::backend::RequestId,
+        peer: SocketAddr,
+        identity: Identity,
+        route: Route,
+    ) -> RequestContext {
+        RequestContext {
+            id,
+            peer,
+            identity,
+            route,
+            host: self.host.clone(),
+            public_url: self.public_url.cloned(),
         }
     }
 }
@@ -114,7 +140,7 @@ impl Gate {
             backend,
             auth,
             policy,
-            public_url,
+            public_url: public_url.map(Arc::from),
             tokens,
             metrics,
             lifecycle: Arc::new(Lifecycle::default()),
@@ -145,12 +171,12 @@ impl Gate {
             method: req.method().clone(),
             family: "other",
             metrics: self.metrics.clone(),
-            path: req.uri().path().to_owned(),
+            uri: req.uri().clone(),
             version: req.version(),
             user: Cow::Borrowed("-"),
             status: 0,
             bytes_in: bytes_in.clone(),
-            bytes_out: Arc::new(AtomicU64::new(0)),
+            bytes_out: 0,
             started,
         };
         // The decision needs only the head; the body is kept apart, to be handed on
@@ -166,7 +192,7 @@ impl Gate {
                 let filter = matches!(ctx.route, Route::Catalog) && self.policy.restricts_pull();
                 let caller_identity = filter.then(|| ctx.identity.clone());
                 let pending = events::Pending::capture(&req, &ctx, self.notifier.as_deref());
-                let req = req.map(|b| body::boxed(Counted::new(b, bytes_in.clone(), None)));
+                let req = req.map(|b| body::boxed(Counted::new(b, SharedCount(bytes_in.clone()))));
                 let checked = if self.lifecycle.immutable.is_empty() {
                     Ok(req)
                 } else {
@@ -209,7 +235,7 @@ impl Gate {
                 (
                     rejection.response,
                     Cow::Owned(rejection.user),
-                    self.family(&log.path),
+                    self.family(log.uri.path()),
                 )
             }
         };
@@ -257,7 +283,7 @@ impl Gate {
         req: Request<()>,
         peer: SocketAddr,
         id: crate::backend::RequestId,
-    ) -> Result<Admitted, Rejection> {
+    ) -> Result<Admitted<'_>, Rejection> {
         // A refusal leaves the body unread: HTTP/1 closes, so it is not read as a request.
         let unread_body = has_body(&req) && req.version() < Version::HTTP_2;
         let anon = |e: OciError| Rejection::new(close_if(unread_body, e.into_response()), "-");
@@ -335,14 +361,7 @@ impl Gate {
             return Err(Rejection::new(resp, identity.log_name()));
         }
         let req = self.check_mount(req, &identity, &route);
-        let ctx = RequestContext {
-            id,
-            peer,
-            identity,
-            route,
-            public_base: origin.public_base,
-            host: origin.host,
-        };
+        let ctx = origin.context(id, peer, identity, route);
         Ok(Admitted::Backend(req, Box::new(ctx)))
     }
 
@@ -351,7 +370,7 @@ impl Gate {
         &self,
         req: &Request<()>,
         peer: SocketAddr,
-        origin: &Origin,
+        origin: &Origin<'_>,
         repo: Option<&RepoName>,
         action: Action,
     ) -> Result<Identity, Rejection> {
@@ -532,21 +551,11 @@ impl Gate {
             })
     }
 
-    fn origin<B>(&self, req: &Request<B>) -> Result<Origin, OciError> {
-        let host = request_host(req)?;
-        let public_base = match &self.public_url {
-            Some(url) => url.clone(),
-            None => {
-                let mut base = String::with_capacity(8 + host.len());
-                base.push_str("https://");
-                base.push_str(&host);
-                base
-            }
-        };
+    fn origin<B>(&self, req: &Request<B>) -> Result<Origin<'_>, OciError> {
         Ok(Origin {
-            host,
-            public_base,
-            service: self.tokens.service.clone(),
+            host: request_host(req)?,
+            public_url: self.public_url.as_ref(),
+            service: self.tokens.service.as_deref(),
         })
     }
 
@@ -555,7 +564,7 @@ impl Gate {
     fn challenge<B>(
         &self,
         req: &Request<B>,
-        origin: &Origin,
+        origin: &Origin<'_>,
         repo: Option<&RepoName>,
         action: Action,
         error: Option<&str>,
@@ -571,7 +580,7 @@ impl Gate {
             .into_response();
         let mut value = format!(
             "Bearer realm=\"{}{}\",service=\"{}\"",
-            origin.public_base,
+            origin.public_base(),
             self.tokens.path,
             origin.service()
         );
@@ -594,10 +603,10 @@ impl Gate {
     }
 }
 
-enum Admitted {
+enum Admitted<'g> {
     Backend(Request<()>, Box<RequestContext>),
-    Token(Request<()>, Origin),
-    Page(Request<()>, Origin),
+    Token(Request<()>, Origin<'g>),
+    Page(Request<()>, Origin<'g>),
 }
 
 struct Rejection {
@@ -643,24 +652,28 @@ fn route_error(e: RouteError) -> OciError {
 
 /// The host the client asked for: `Host` for HTTP/1.1, the authority for HTTP/2.
 /// It ends up in URLs the gate builds, so only host-name characters are accepted.
-fn request_host<B>(req: &Request<B>) -> Result<String, OciError> {
+/// HTTP/1.1's is the request's own header value (shared, not copied).
+fn request_host<B>(req: &Request<B>) -> Result<HeaderValue, OciError> {
     let host = match req.uri().authority() {
-        Some(a) => a.as_str().to_owned(),
+        Some(a) => {
+            HeaderValue::from_str(a.as_str()).map_err(|_| bad_request("malformed Host header"))?
+        }
         None => {
             let mut hosts = req.headers().get_all(header::HOST).iter();
             let first = hosts.next();
             if hosts.next().is_some() {
                 return Err(bad_request("more than one Host header"));
             }
-            match first.and_then(|v| v.to_str().ok()) {
-                Some(h) => h.to_owned(),
+            match first {
+                Some(h) => h.clone(),
                 None => return Err(bad_request("missing Host header")),
             }
         }
     };
-    let ok = !host.is_empty()
-        && host.len() <= 255
-        && host.bytes().all(|c| {
+    let bytes = host.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= 255
+        && bytes.iter().all(|&c| {
             c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b':' | b'[' | b']' | b'_')
         });
     if !ok {

@@ -18,7 +18,6 @@ use sha2::Digest as _;
 
 use super::{Gate, Origin};
 use crate::auth::Identity;
-use crate::backend::RequestContext;
 use crate::body::{self, Body};
 use crate::route::{RepoName, Route};
 
@@ -67,22 +66,18 @@ async fn fetch(
     path: &str,
     route: Route,
     peer: SocketAddr,
-    origin: &Origin,
+    origin: &Origin<'_>,
 ) -> Option<(Value, bool)> {
     let mut req = Request::new(body::empty());
     *req.method_mut() = Method::GET;
     *req.uri_mut() = path.parse().ok()?;
-    if let Ok(host) = HeaderValue::from_str(&origin.host) {
-        req.headers_mut().insert(header::HOST, host);
-    }
-    let ctx = RequestContext {
-        id: crate::backend::RequestId::random(),
+    req.headers_mut().insert(header::HOST, origin.host.clone());
+    let ctx = origin.context(
+        crate::backend::RequestId::random(),
         peer,
-        identity: Identity::Anonymous,
+        Identity::Anonymous,
         route,
-        public_base: origin.public_base.clone(),
-        host: origin.host.clone(),
-    };
+    );
     let resp = gate.backend.handle(req, ctx).await;
     if resp.status() != StatusCode::OK {
         return None;
@@ -98,7 +93,7 @@ pub(super) async fn serve(
     gate: &Gate,
     req: &Request<()>,
     peer: SocketAddr,
-    origin: &Origin,
+    origin: &Origin<'_>,
 ) -> Response<Body> {
     let last = req.uri().query().and_then(|q| {
         form_urlencoded::parse(q.as_bytes())
@@ -110,11 +105,8 @@ pub(super) async fn serve(
         let encoded: String = form_urlencoded::byte_serialize(l.as_bytes()).collect();
         catalog_path.push_str(&format!("&last={encoded}"));
     }
-    let host = origin
-        .public_base
-        .strip_prefix("https://")
-        .unwrap_or(&origin.public_base)
-        .to_owned();
+    let base = origin.public_base();
+    let host = base.strip_prefix("https://").unwrap_or(&base).to_owned();
     let may_list = gate.allows(
         &Identity::Anonymous,
         crate::auth::policy::Action::Pull,

@@ -33,7 +33,7 @@ pub(super) async fn serve(
     gate: &Gate,
     req: Request<Incoming>,
     peer: SocketAddr,
-    origin: &Origin,
+    origin: &Origin<'_>,
 ) -> (Response<Body>, String) {
     let params = match *req.method() {
         Method::GET | Method::HEAD => {
@@ -127,7 +127,7 @@ fn bad(message: &str) -> OciError {
 
 type Outcome = Result<(Response<Body>, String), (Response<Body>, String)>;
 
-async fn issue(gate: &Gate, mut params: Params, peer: SocketAddr, origin: &Origin) -> Outcome {
+async fn issue(gate: &Gate, mut params: Params, peer: SocketAddr, origin: &Origin<'_>) -> Outcome {
     let fail = |e: OciError| (e.into_response(), "-".to_owned());
     if let Some(service) = &params.service
         && service != origin.service()

@@ -419,7 +419,7 @@ pub async fn put(
     let h = resp.headers_mut();
     h.insert(
         header::LOCATION,
-        header_value(&format!("{}/v2/{repo}/manifests/{d}", ctx.public_base))?,
+        header_value(&format!("{}/v2/{repo}/manifests/{d}", ctx.public_base()))?,
     );
     h.insert("docker-content-digest", header_value(d.as_str())?);
     if let Some(subject) = &refs.subject {

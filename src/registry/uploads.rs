@@ -123,7 +123,7 @@ fn upload_unknown() -> Failure {
 fn location_of(ctx: &RequestContext, repo: &RepoName, id: &UploadId) -> String {
     format!(
         "{}/v2/{repo}/blobs/uploads/{}",
-        ctx.public_base,
+        ctx.public_base(),
         id.as_str()
     )
 }
@@ -153,7 +153,7 @@ fn created(ctx: &RequestContext, repo: &RepoName, d: &Digest) -> Handled {
     let h = resp.headers_mut();
     h.insert(
         header::LOCATION,
-        header_value(&format!("{}/v2/{repo}/blobs/{d}", ctx.public_base))?,
+        header_value(&format!("{}/v2/{repo}/blobs/{d}", ctx.public_base()))?,
     );
     h.insert("docker-content-digest", header_value(d.as_str())?);
     Ok(resp)
