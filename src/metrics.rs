@@ -89,24 +89,26 @@ const STATUSES: [u16; 20] = [
     200, 201, 202, 204, 206, 301, 304, 307, 400, 401, 403, 404, 405, 413, 416, 429, 500, 502, 503,
     504,
 ];
-const METHODS: usize = 7;
+/// The six methods the gate serves, then `other`: `method_index` indexes this.
+const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "other"];
 
 /// Handles into `requests` and `durations` (a handle shares its series' counters).
 struct Series {
-    requests: [[[OnceLock<Counter>; STATUSES.len()]; FAMILIES.len()]; METHODS],
-    durations: [[OnceLock<Histogram>; FAMILIES.len()]; METHODS],
+    requests: [[[OnceLock<Counter>; STATUSES.len()]; FAMILIES.len()]; METHODS.len()],
+    durations: [[OnceLock<Histogram>; FAMILIES.len()]; METHODS.len()],
 }
 
 impl Series {
     fn new() -> Box<Series> {
         Box::new(Series {
             requests: [const { [const { [const { OnceLock::new() }; STATUSES.len()] }; FAMILIES.len()] };
-                METHODS],
-            durations: [const { [const { OnceLock::new() }; FAMILIES.len()] }; METHODS],
+                METHODS.len()],
+            durations: [const { [const { OnceLock::new() }; FAMILIES.len()] }; METHODS.len()],
         })
     }
 }
 
+/// A method as an index into `METHODS`: one of the six the gate serves, or `other`.
 fn method_index(m: &http::Method) -> usize {
     match *m {
         http::Method::GET => 0,
@@ -291,7 +293,7 @@ impl Metrics {
         elapsed: Duration,
     ) {
         let m = method_index(method);
-        let method = method_label(method);
+        let method = METHODS[m];
         let requests = RequestLabels {
             method,
             route,
@@ -324,19 +326,6 @@ impl Metrics {
             out.clear();
         }
         out
-    }
-}
-
-/// A method as a label: one of the six the gate serves, or `other`.
-pub fn method_label(m: &http::Method) -> &'static str {
-    match *m {
-        http::Method::GET => "GET",
-        http::Method::HEAD => "HEAD",
-        http::Method::POST => "POST",
-        http::Method::PUT => "PUT",
-        http::Method::PATCH => "PATCH",
-        http::Method::DELETE => "DELETE",
-        _ => "other",
     }
 }
 

@@ -51,11 +51,11 @@ static CLIENT_SET_FORBIDDEN: NameList = name_list![
 
 /// Header names, at most 16, and the set of their lengths (all below 64): a message's
 /// name is compared with the list only when some listed name has its length, so most
-/// names cost a shift and a mask. Names, not strings: two names of the standard table
-/// compare as two bytes.
+/// names cost a shift and a mask.
 struct NameList {
+    /// What `remove` is given (a `&str` would be parsed again on every call).
     names: &'static [HeaderName],
-    /// The same names as strings, to compare with `HeaderName::as_str`.
+    /// The same names as strings, compared with `HeaderName::as_str`.
     strs: &'static [&'static str],
     lengths: u64,
 }
@@ -425,7 +425,7 @@ mod tests {
     }
 
     #[test]
-    fn more_listed_headers_than_the_stack_holds_are_all_removed() {
+    fn every_listed_header_and_every_connection_token_is_removed() {
         let mut h = HeaderMap::new();
         for name in CLIENT_SET_FORBIDDEN.names.iter().chain(HOP_BY_HOP.names) {
             h.insert(name.clone(), HeaderValue::from_static("1"));

@@ -381,28 +381,28 @@ pub fn parse(path: &str) -> Result<Route, RouteError> {
         return Err(RouteError::UnknownEndpoint);
     };
     match kind {
-        "tags" if last == "list" => return Ok(Route::Tags(RepoName::parse(name)?)),
+        "tags" if last == "list" => Ok(Route::Tags(RepoName::parse(name)?)),
         "manifests" => {
             let name = RepoName::parse(name)?;
-            return Ok(Route::Manifest(name, Reference::parse(last)?));
+            Ok(Route::Manifest(name, Reference::parse(last)?))
         }
         "blobs" if last.contains(':') => {
             let name = RepoName::parse(name)?;
-            return Ok(Route::Blob(name, Digest::parse(last)?));
+            Ok(Route::Blob(name, Digest::parse(last)?))
         }
-        _ => {}
+        "uploads" => match split_last(name) {
+            Some((name, "blobs")) => {
+                let name = RepoName::parse(name)?;
+                Ok(Route::Upload(name, UploadId::parse(last)?))
+            }
+            _ => Err(RouteError::UnknownEndpoint),
+        },
+        "referrers" => {
+            let name = RepoName::parse(name)?;
+            Ok(Route::Referrers(name, Digest::parse(last)?))
+        }
+        _ => Err(RouteError::UnknownEndpoint),
     }
-    if kind == "uploads"
-        && let Some((upload_name, "blobs")) = split_last(name)
-    {
-        let name = RepoName::parse(upload_name)?;
-        return Ok(Route::Upload(name, UploadId::parse(last)?));
-    }
-    if kind == "referrers" {
-        let name = RepoName::parse(name)?;
-        return Ok(Route::Referrers(name, Digest::parse(last)?));
-    }
-    Err(RouteError::UnknownEndpoint)
 }
 
 #[cfg(test)]

@@ -99,13 +99,17 @@ impl Origin<'_> {
         crate::backend::public_base(self.public_url.map(|u| &**u), self.host_str())
     }
 
-    /// The token `service`: configured, or the host of the public base.
-    fn service(&self) -> &str {
-        match (self.service, self.public_url) {
-            (Some(s), _) => s,
-            (None, Some(url)) => url.strip_prefix("https://").unwrap_or(url),
-            (None, None) => self.host_str(),
+    /// The host of the public base: `public_url`'s, else the one the client asked for.
+    fn public_host(&self) -> &str {
+        match self.public_url {
+            Some(url) => url.strip_prefix("https://").unwrap_or(url),
+            None => self.host_str(),
         }
+    }
+
+    /// The token `service`: configured, or the public host.
+    fn service(&self) -> &str {
+        self.service.unwrap_or_else(|| self.public_host())
     }
 
     /// The context a backend gets, for a request from this origin.

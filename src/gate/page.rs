@@ -105,8 +105,7 @@ pub(super) async fn serve(
         let encoded: String = form_urlencoded::byte_serialize(l.as_bytes()).collect();
         catalog_path.push_str(&format!("&last={encoded}"));
     }
-    let base = origin.public_base();
-    let host = base.strip_prefix("https://").unwrap_or(&base).to_owned();
+    let host = origin.public_host().to_owned();
     let may_list = gate.allows(
         &Identity::Anonymous,
         crate::auth::policy::Action::Pull,
