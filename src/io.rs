@@ -26,7 +26,11 @@ use tokio::time::{Instant, Sleep};
 pub struct IdleTimeout<T> {
     inner: T,
     idle: Duration,
+    /// Armed for `idle` after some progress, not necessarily the last one: moving
+    /// the timer on every read and write (a timer-wheel removal and insertion each)
+    /// cost more than the rest of the wrapper; it is moved on when it fires instead.
     timer: Pin<Box<Sleep>>,
+    last_progress: Instant,
 }
 
 impl<T> IdleTimeout<T> {
@@ -35,6 +39,7 @@ impl<T> IdleTimeout<T> {
             inner,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
+            last_progress: Instant::now(),
         }
     }
 
@@ -43,16 +48,25 @@ impl<T> IdleTimeout<T> {
     }
 
     fn progress(&mut self) {
-        self.timer.as_mut().reset(Instant::now() + self.idle);
+        self.last_progress = Instant::now();
     }
 
     fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        match self.timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "connection idle for too long",
-            )),
-            Poll::Pending => Ok(()),
+        loop {
+            match self.timer.as_mut().poll(cx) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(()) => {
+                    let deadline = self.last_progress + self.idle;
+                    if deadline <= Instant::now() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "connection idle for too long",
+                        ));
+                    }
+                    // Something moved since it was armed: idle only from then on.
+                    self.timer.as_mut().reset(deadline);
+                }
+            }
         }
     }
 }
@@ -508,6 +522,7 @@ mod tests {
         let (a, mut b) = tokio::io::duplex(64);
         let mut a = IdleTimeout::new(a, Duration::from_secs(10));
         let mut buf = [0u8; 4];
+        let started = Instant::now();
         let writer = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(8)).await;
             b.write_all(b"ping").await.expect("write");
@@ -519,6 +534,12 @@ mod tests {
         // Then silence longer than the limit.
         let err = a.read(&mut buf).await.expect_err("times out");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        // Idle from the read at 8 s: not at 10 s, when the first arming fired.
+        let at = started.elapsed();
+        assert!(
+            at >= Duration::from_secs(18) && at < Duration::from_secs(19),
+            "timed out at {at:?}"
+        );
         writer.abort();
     }
 }
