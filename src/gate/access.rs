@@ -37,7 +37,8 @@ pub(super) struct AccessLog {
     /// `-` for anonymous requests (borrowed: nothing allocated for them).
     pub(super) user: Cow<'static, str>,
     pub(super) status: u16,
-    pub(super) bytes_in: Arc<AtomicU64>,
+    /// Counted by the request body, when it has one.
+    pub(super) bytes_in: Option<Arc<AtomicU64>>,
     /// Counted by the response body this log rides on.
     pub(super) bytes_out: u64,
     pub(super) started: Instant,
@@ -49,7 +50,11 @@ impl OnEnd for AccessLog {
     }
 
     fn ended(&mut self, complete: bool) {
-        let (bytes_in, bytes_out) = (self.bytes_in.load(Ordering::Relaxed), self.bytes_out);
+        let bytes_in = self
+            .bytes_in
+            .as_ref()
+            .map_or(0, |n| n.load(Ordering::Relaxed));
+        let bytes_out = self.bytes_out;
         self.metrics.observe(
             &self.method,
             self.family,

@@ -168,24 +168,26 @@ impl Gate {
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let started = Instant::now();
         let id = crate::backend::RequestId::random();
-        let bytes_in = Arc::new(AtomicU64::new(0));
+        // The decision needs only the head; the body is kept apart, to be handed on
+        // or, for a refusal, read and dropped (`drain_refused`). A request without a
+        // body (every pull) has nothing to count.
+        let (parts, req_body) = req.into_parts();
+        let bytes_in =
+            (!http_body::Body::is_end_stream(&req_body)).then(|| Arc::new(AtomicU64::new(0)));
         let log = AccessLog {
             id,
             peer,
-            method: req.method().clone(),
+            method: parts.method.clone(),
             family: "other",
             metrics: self.metrics.clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
+            uri: parts.uri.clone(),
+            version: parts.version,
             user: Cow::Borrowed("-"),
             status: 0,
             bytes_in: bytes_in.clone(),
             bytes_out: 0,
             started,
         };
-        // The decision needs only the head; the body is kept apart, to be handed on
-        // or, for a refusal, read and dropped (`drain_refused`).
-        let (parts, req_body) = req.into_parts();
         let head = Request::from_parts(parts, ());
         let small_h2_body = drainable(&head);
         let (resp, user, family) = match self.admit(head, peer, id).await {
@@ -196,7 +198,13 @@ impl Gate {
                 let filter = matches!(ctx.route, Route::Catalog) && self.policy.restricts_pull();
                 let caller_identity = filter.then(|| ctx.identity.clone());
                 let pending = events::Pending::capture(&req, &ctx, self.notifier.as_deref());
-                let req = req.map(|b| body::boxed(Counted::new(b, SharedCount(bytes_in.clone()))));
+                let req = match &bytes_in {
+                    Some(count) => {
+                        req.map(|b| body::boxed(Counted::new(b, SharedCount(count.clone()))))
+                    }
+                    // Nothing to read: no box, no counter.
+                    None => req.map(|_| body::empty()),
+                };
                 let checked = if self.lifecycle.immutable.is_empty() {
                     Ok(req)
                 } else {
@@ -207,7 +215,9 @@ impl Gate {
                     Err(refused) => refused,
                 };
                 if let Some(pending) = pending {
-                    let read = bytes_in.load(std::sync::atomic::Ordering::Relaxed);
+                    let read = bytes_in
+                        .as_ref()
+                        .map_or(0, |n| n.load(std::sync::atomic::Ordering::Relaxed));
                     pending.answered(&resp, read, self.notifier.as_deref());
                 }
                 let resp = match caller_identity {
