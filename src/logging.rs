@@ -7,11 +7,31 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
+/// rustls warns about what a client sent wrong (an IP address as SNI, an unexpected
+/// message): one line per connection, written whenever any client likes. The gate
+/// logs a failed handshake itself (at debug). A filter that names `rustls` keeps
+/// its own level for it.
+const RUSTLS_QUIET: &str = "rustls=error";
+
+/// The filter for `spec` (a `RUST_LOG` or `[log] level` value).
+fn filter(spec: &str) -> Option<EnvFilter> {
+    let filter = EnvFilter::try_new(spec).ok()?;
+    if spec.contains("rustls") {
+        return Some(filter);
+    }
+    Some(match RUSTLS_QUIET.parse() {
+        Ok(quiet) => filter.add_directive(quiet),
+        Err(_) => filter,
+    })
+}
+
 /// Install the global subscriber (once per process; later calls do nothing).
 pub fn init(config: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|spec| filter(&spec))
+        .or_else(|| filter(&config.level))
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -20,4 +40,18 @@ pub fn init(config: &LogConfig) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rustls_is_quiet_unless_named() {
+        let quiet = filter("info").expect("valid").to_string();
+        assert!(quiet.contains("rustls=error"), "{quiet}");
+        let named = filter("info,rustls=debug").expect("valid").to_string();
+        assert!(!named.contains("rustls=error"), "{named}");
+        assert!(filter("info,[").is_none());
+    }
 }

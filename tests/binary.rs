@@ -99,6 +99,21 @@ async fn the_binary_serves_and_exits_0_on_sigterm_after_draining() {
     })
     .await;
     assert_listen_backlog(listen);
+    // A client that names the server by IP address in SNI (wrk, openssl s_client,
+    // some scripts; RFC 6066 forbids it): served, and no warning per connection.
+    let sni = command("openssl", "openssl")
+        .args(["s_client", "-connect", &listen.to_string()])
+        .args(["-servername", "127.0.0.1", "-CAfile"])
+        .arg(&stack.ca.cert)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl s_client");
+    let sni_out = String::from_utf8_lossy(&sni.stdout);
+    assert!(
+        sni_out.contains("Verify return code: 0 (ok)"),
+        "openssl s_client with an IP address as SNI:\n{sni_out}{}",
+        String::from_utf8_lossy(&sni.stderr)
+    );
     let pusher = client.with_basic(PUSHER.0, PUSHER.1);
     let image = push_image(
         &pusher,
@@ -174,6 +189,10 @@ async fn the_binary_serves_and_exits_0_on_sigterm_after_draining() {
     assert!(
         output.contains("binary/app"),
         "the binary should log its requests:\n{output}"
+    );
+    assert!(
+        !output.contains("Illegal SNI"),
+        "rustls's warning about a client's SNI is in the log:\n{output}"
     );
     // A HEAD that was answered is complete (HTTP/1.1 too).
     assert!(
