@@ -8,8 +8,10 @@
 //!   and digest for `confirm_secs`. Otherwise a `HEAD` upstream asks first.
 //! * Tags are mutable: a request by tag always asks the upstream (a `HEAD` for a
 //!   `GET`, whose body may then come from the cache).
-//! * A miss is cached as it streams to the first client (a copy of each chunk goes to
-//!   a writer task; a cache too slow to keep up is given up, never the client).
+//! * A miss is cached as it streams to the first client: a copy of each chunk goes to
+//!   a writer on the blocking pool, at most about 1 MiB ahead of it, so a disk slower
+//!   than the network paces the first client; a writer that fails (disk full) is
+//!   given up, never the client.
 //!   Concurrent misses of one blob read the file being written instead of fetching it
 //!   again. Nothing is kept before its digest and length are checked.
 //! * Deletes through the gate end the confirmation at once; deletes done upstream
