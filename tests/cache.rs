@@ -1,15 +1,16 @@
 //! The front cache (`[cache]`), end to end over TLS in front of Debian's
 //! `docker-registry`: what the upstream is asked is read from its own access log.
-//! Hits and misses, a range from the cache, concurrent misses fetched once, eviction
-//! under the size cap, a corrupt cache file, a manifest deleted upstream, a blob of
-//! repository A asked through repository B, a restart, and `registry-gate cache`.
+//! Hits and misses, a range from the cache, concurrent misses fetched once, a first
+//! client that leaves a fill, eviction under the size cap, a corrupt cache file, a
+//! manifest deleted upstream, a blob of repository A asked through repository B, a
+//! restart, and `registry-gate cache`.
 
 mod common;
 
 use std::path::Path;
 use std::time::Duration;
 
-use common::client::{Client, empty};
+use common::client::{Client, empty, read_at_least, read_rest};
 use common::gate::{Gate, GateOptions};
 use common::image::{UploadMode, push_image, upload_blob};
 use common::upstream::free_loopback_port;
@@ -229,6 +230,45 @@ async fn concurrent_misses_fetch_once() {
         assert_eq!(sha256_digest(&body), d, "every client gets the whole blob");
     }
     upstream_saw(stack, "GET", &format!("/v2/cache/many/blobs/{d}"), 1).await;
+    c.stack.gate.stop().await;
+}
+
+/// The first client of a miss reads a little and goes away while another reads
+/// along: the fill goes on without it, the other gets the whole blob, and the blob is
+/// kept (fetched from the upstream once in all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_first_client_that_leaves_does_not_end_the_fill() {
+    let c = start("1GiB", 300).await;
+    let stack = &c.stack;
+    let data = pseudo_random_bytes(64 << 20, 4);
+    let d = upload_blob(&stack.pusher(), "cache/left", &data, UploadMode::Monolithic).await;
+    let path = format!("/v2/cache/left/blobs/{d}");
+    let first = stack.client().send("GET", &path, &[], empty()).await;
+    assert_eq!(first.status(), 200);
+    let mut first = first.into_body();
+    // It stops reading: the fill waits for it (far less than 64 MiB is buffered).
+    read_at_least(&mut first, 256 << 10).await;
+    let follower = stack.client().send("GET", &path, &[], empty()).await;
+    assert_eq!(follower.status(), 200);
+    let mut follower = follower.into_body();
+    let mut received = read_at_least(&mut follower, 64 << 10).await;
+    drop(first);
+    read_rest(&mut follower, &mut received, "after the first client left").await;
+    assert_eq!(received.len(), data.len());
+    assert_eq!(
+        sha256_digest(&received),
+        d,
+        "the follower gets the whole blob"
+    );
+    let hex = d.trim_start_matches("sha256:");
+    let kept = c.cache_dir.path().join("sha256").join(&hex[..2]).join(hex);
+    eventually("the blob in the cache", || async {
+        kept.exists().then_some(())
+    })
+    .await;
+    let (status, body) = get_blob(&stack.client(), "cache/left", &d).await;
+    assert_eq!((status, sha256_digest(&body)), (200, d.clone()));
+    upstream_saw(stack, "GET", &path, 1).await;
     c.stack.gate.stop().await;
 }
 

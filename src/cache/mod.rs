@@ -525,6 +525,7 @@ impl CachingProxy {
                 batch: Vec::new(),
                 batched: 0,
                 left: size,
+                orphan: false,
             }),
         )
     }
@@ -660,6 +661,10 @@ const TEE_BATCH: usize = 256 * 1024;
 /// only once the writer has room for one more batch (a permit is reserved first), so
 /// a full batch, or the last one, is handed over at once with the frame that makes it:
 /// hyper stops polling a body once its length is sent.
+///
+/// A first client that goes away does not end the fill: the rest is read from the
+/// upstream into the cache by a task of its own (see `Drop`), so that the clients
+/// reading along get the whole blob and the next pull is a hit.
 struct Tee {
     inner: Body,
     tx: Option<tokio_util::sync::PollSender<Vec<Bytes>>>,
@@ -667,6 +672,40 @@ struct Tee {
     batched: usize,
     /// Bytes of the blob not yet read.
     left: u64,
+    /// Read by the task that finishes a fill its client left (dropped quietly).
+    orphan: bool,
+}
+
+impl Drop for Tee {
+    fn drop(&mut self) {
+        if self.orphan || self.tx.is_none() || self.left == 0 {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let rest = Tee {
+            inner: std::mem::replace(&mut self.inner, body::empty()),
+            tx: self.tx.take(),
+            batch: std::mem::take(&mut self.batch),
+            batched: self.batched,
+            left: self.left,
+            orphan: true,
+        };
+        tracing::debug!(
+            left = rest.left,
+            "cache: the client left a fill; finishing it"
+        );
+        runtime.spawn(async move {
+            let mut rest = std::pin::pin!(rest);
+            // At the writer's pace (the tee waits for room as it does for a client);
+            // an upstream error ends it, and the writer then drops the partial file.
+            while let Some(Ok(_)) =
+                std::future::poll_fn(|cx| http_body::Body::poll_frame(rest.as_mut(), cx)).await
+            {
+            }
+        });
+    }
 }
 
 impl Tee {
