@@ -70,6 +70,19 @@ const CONFIRM_SWEEP_FLOOR: usize = 10_000;
 /// Manifests in memory (bytes and media type), least recently used out.
 type Memory = lru::Lru<(Bytes, String)>;
 
+/// Manifests waiting to be appended to the pack, beyond which more are kept in
+/// memory only (they are served from there; a restart loses them).
+const MANIFEST_QUEUE: usize = 4096;
+
+/// Manifests on their way to disk, written by at most one task of the blocking pool
+/// at a time: a miss adds to the queue and starts that task only when none runs, so
+/// concurrent misses share one wake-up of a blocking thread instead of one each.
+#[derive(Default)]
+struct ManifestQueue {
+    pending: Vec<(String, Bytes, String)>,
+    writing: bool,
+}
+
 pub struct CachingProxy {
     proxy: Proxy,
     disk: Arc<DiskCache>,
@@ -77,6 +90,7 @@ pub struct CachingProxy {
     memory_entries: usize,
     confirmed: Mutex<confirm::Confirmations>,
     fills: Arc<Mutex<HashMap<String, Arc<Fill>>>>,
+    to_disk: Arc<Mutex<ManifestQueue>>,
     metrics: Arc<Metrics>,
 }
 
@@ -135,6 +149,7 @@ impl CachingProxy {
                 CONFIRM_SWEEP_FLOOR,
             )),
             fills: Arc::new(Mutex::new(HashMap::new())),
+            to_disk: Arc::default(),
             metrics,
         })
     }
@@ -336,15 +351,7 @@ impl CachingProxy {
                 .to_owned();
             self.memory_put(&d, bytes.clone(), media_type.clone());
             // Written after the answer goes out: the memory serves it meanwhile.
-            let disk = self.disk.clone();
-            let metrics = self.metrics.clone();
-            let (digest, data) = (d.clone(), bytes.clone());
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = disk.put_bytes(&digest, &data, Kind::Manifest, Some(media_type)) {
-                    tracing::warn!(digest, "cache: cannot store a manifest: {e}");
-                }
-                sample_usage(&disk, &metrics);
-            });
+            self.manifest_to_disk(d.clone(), bytes.clone(), media_type);
         } else {
             tracing::warn!(
                 expected = d,
@@ -353,6 +360,44 @@ impl CachingProxy {
             );
         }
         Response::from_parts(parts, body::full(bytes))
+    }
+
+    /// Queue a checked manifest for the pack (see [`ManifestQueue`]).
+    fn manifest_to_disk(&self, digest: String, bytes: Bytes, media_type: String) {
+        {
+            let mut queue = lock(&self.to_disk);
+            if queue.pending.len() >= MANIFEST_QUEUE {
+                return;
+            }
+            queue.pending.push((digest, bytes, media_type));
+            if std::mem::replace(&mut queue.writing, true) {
+                return;
+            }
+        }
+        let (queue, disk, metrics) = (
+            self.to_disk.clone(),
+            self.disk.clone(),
+            self.metrics.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            loop {
+                let batch = {
+                    let mut q = lock(&queue);
+                    if q.pending.is_empty() {
+                        q.writing = false;
+                        break;
+                    }
+                    std::mem::take(&mut q.pending)
+                };
+                for (digest, data, media_type) in batch {
+                    if let Err(e) = disk.put_bytes(&digest, &data, Kind::Manifest, Some(media_type))
+                    {
+                        tracing::warn!(digest, "cache: cannot store a manifest: {e}");
+                    }
+                }
+            }
+            sample_usage(&disk, &metrics);
+        });
     }
 
     async fn manifest_by_tag(
