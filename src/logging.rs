@@ -15,14 +15,11 @@ const RUSTLS_QUIET: &str = "rustls=error";
 
 /// The filter for `spec` (a `RUST_LOG` or `[log] level` value).
 fn filter(spec: &str) -> Option<EnvFilter> {
-    let filter = EnvFilter::try_new(spec).ok()?;
     if spec.contains("rustls") {
-        return Some(filter);
+        EnvFilter::try_new(spec).ok()
+    } else {
+        EnvFilter::try_new(format!("{spec},{RUSTLS_QUIET}")).ok()
     }
-    Some(match RUSTLS_QUIET.parse() {
-        Ok(quiet) => filter.add_directive(quiet),
-        Err(_) => filter,
-    })
 }
 
 /// Install the global subscriber (once per process; later calls do nothing).

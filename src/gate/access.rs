@@ -44,17 +44,18 @@ pub(super) struct AccessLog {
     pub(super) started: Instant,
 }
 
+/// What a request body counted so far (nothing when it had none).
+pub(super) fn bytes_read(count: &Option<Arc<AtomicU64>>) -> u64 {
+    count.as_ref().map_or(0, |n| n.load(Ordering::Relaxed))
+}
+
 impl OnEnd for AccessLog {
     fn counted(&mut self, bytes: u64) {
         self.bytes_out += bytes;
     }
 
     fn ended(&mut self, complete: bool) {
-        let bytes_in = self
-            .bytes_in
-            .as_ref()
-            .map_or(0, |n| n.load(Ordering::Relaxed));
-        let bytes_out = self.bytes_out;
+        let (bytes_in, bytes_out) = (bytes_read(&self.bytes_in), self.bytes_out);
         self.metrics.observe(
             &self.method,
             self.family,

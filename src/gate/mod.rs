@@ -45,7 +45,7 @@ use crate::lifecycle::immutable;
 use crate::lifecycle::rules::Lifecycle;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::route::{self, RepoName, Route, RouteError};
-use access::{AccessLog, finish, printable};
+use access::{AccessLog, bytes_read, finish, printable};
 use std::borrow::Cow;
 
 /// Methods the registry API uses; everything else is refused before routing.
@@ -215,10 +215,7 @@ impl Gate {
                     Err(refused) => refused,
                 };
                 if let Some(pending) = pending {
-                    let read = bytes_in
-                        .as_ref()
-                        .map_or(0, |n| n.load(std::sync::atomic::Ordering::Relaxed));
-                    pending.answered(&resp, read, self.notifier.as_deref());
+                    pending.answered(&resp, bytes_read(&bytes_in), self.notifier.as_deref());
                 }
                 let resp = match caller_identity {
                     Some(identity) => match catalog::read(resp).await {
